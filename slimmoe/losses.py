@@ -1,0 +1,219 @@
+"""Distillation and language-model losses, computed in chunks of positions.
+
+All functions take logits of shape [B, T, V] or [N, V] whose positions are already
+aligned (the caller shifts labels). ``mask`` is a bool tensor of the leading shape
+(True = the position counts; None = all count). Every loss is the mean over counted
+positions, returned as a float32 scalar.
+
+Memory: the vocabulary-sized intermediates (log-softmax, probabilities) exist for one
+chunk of ``chunk_size`` positions at a time. When gradients are needed each chunk is
+wrapped in ``torch.utils.checkpoint`` so backward also recomputes one chunk at a time
+instead of keeping every chunk's log-softmax alive.
+
+Names follow DESIGN.md: ``kd_topk_loss`` is the residual-bucket form (the default
+distillation loss), ``kd_topk_renorm_loss`` the paper's soft cross-entropy to the
+renormalised teacher top-k (non-zero gradient when student == teacher; used for
+importance scores).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "teacher_topk",
+    "kd_topk_loss",
+    "kd_topk_renorm_loss",
+    "kl_loss",
+    "lm_loss",
+    "mixed_loss",
+]
+
+# log(1 - exp(x)) is undefined at x = 0 (all mass on the top-k); clamp just below it.
+_LOG_MASS_MAX = -1e-6
+
+
+def teacher_topk(
+    teacher_logits: torch.Tensor, k: int = 8, temperature: float = 1.0, chunk_size: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher's top-k log-probabilities (float32, at ``temperature``) and token ids, [..., k]."""
+    if k <= 0 or k > teacher_logits.shape[-1]:
+        raise ValueError(f"topk: k must be in 1..{teacher_logits.shape[-1]}, got {k}")
+    lead = teacher_logits.shape[:-1]
+    flat = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
+    lps, idxs = [], []
+    for s in range(0, flat.shape[0], chunk_size):
+        lp = torch.log_softmax(flat[s : s + chunk_size].float() / temperature, dim=-1)
+        v, i = lp.topk(k, dim=-1)
+        lps.append(v)
+        idxs.append(i)
+    if not lps:
+        empty = flat.new_zeros((0, k), dtype=torch.float32)
+        return empty.reshape(*lead, k), empty.long().reshape(*lead, k)
+    return torch.cat(lps).reshape(*lead, k), torch.cat(idxs).reshape(*lead, k)
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, stable at both ends (Maechler's switch at -ln 2)."""
+    x = x.clamp(max=_LOG_MASS_MAX)
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _chunked_mean(
+    per_position: Callable[..., torch.Tensor],
+    tensors: list[torch.Tensor],
+    mask: torch.Tensor | None,
+    chunk_size: int,
+) -> torch.Tensor:
+    """Sum ``per_position(*chunk_tensors)`` over chunks of counted positions, divide by their count.
+
+    ``tensors`` are flattened to [N, ...]; ``per_position`` returns a [n] vector for a chunk.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    n = tensors[0].shape[0]
+    if mask is not None:
+        mask = mask.reshape(-1).to(torch.bool)
+        if mask.shape[0] != n:
+            raise ValueError(f"mask has {mask.shape[0]} positions, logits have {n}")
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    total = tensors[0].new_zeros((), dtype=torch.float32)
+    count = 0
+    for s in range(0, n, chunk_size):
+        parts = [t[s : s + chunk_size] for t in tensors]
+        if mask is not None:
+            m = mask[s : s + chunk_size]
+            c = int(m.sum())
+            if c == 0:
+                continue
+            if c < m.numel():
+                parts = [p[m] for p in parts]
+        else:
+            c = parts[0].shape[0]
+        if needs_grad:
+            chunk_sum = checkpoint(lambda *a: per_position(*a).sum(), *parts, use_reentrant=False)
+        else:
+            chunk_sum = per_position(*parts).sum()
+        total = total + chunk_sum
+        count += c
+    return total / max(count, 1)
+
+
+def kd_topk_loss(
+    student_logits: torch.Tensor,
+    t_logprobs: torch.Tensor,
+    t_idx: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = 4096,
+) -> torch.Tensor:
+    """KL between (k+1)-bucket distributions: teacher top-k + residual vs student on the same ids.
+
+    Target: the teacher's k probabilities unnormalised plus one bucket 1 - sum(top-k).
+    Student: its probabilities on the same k ids plus 1 - their sum. Scaled by T^2.
+    Zero when the student equals the teacher.
+    """
+    k = t_idx.shape[-1]
+
+    def per_position(s_logits: torch.Tensor, t_lp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        s_lp_all = torch.log_softmax(s_logits.float() / temperature, dim=-1)
+        s_lp = s_lp_all.gather(-1, idx)
+        t_lp = t_lp.float()
+        s_rest = _log1mexp(torch.logsumexp(s_lp, dim=-1))
+        t_rest = _log1mexp(torch.logsumexp(t_lp, dim=-1))
+        kl_k = (t_lp.exp() * (t_lp - s_lp)).sum(-1)
+        p_rest = t_rest.exp()
+        kl_rest = torch.where(p_rest > 0, p_rest * (t_rest - s_rest), torch.zeros_like(p_rest))
+        return kl_k + kl_rest
+
+    V = student_logits.shape[-1]
+    loss = _chunked_mean(
+        per_position,
+        [student_logits.reshape(-1, V), t_logprobs.reshape(-1, k), t_idx.reshape(-1, k)],
+        mask,
+        chunk_size,
+    )
+    return loss * temperature**2
+
+
+def kd_topk_renorm_loss(
+    student_logits: torch.Tensor,
+    t_logprobs: torch.Tensor,
+    t_idx: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = 4096,
+) -> torch.Tensor:
+    """Soft cross-entropy to the renormalised teacher top-k: -sum_i p_i log q_i, scaled by T^2.
+
+    q is the student's full-vocabulary softmax at temperature T, so the gradient is
+    non-zero even when student == teacher (what Taylor importance needs).
+    """
+    k = t_idx.shape[-1]
+
+    def per_position(s_logits: torch.Tensor, t_lp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        s_lp = torch.log_softmax(s_logits.float() / temperature, dim=-1).gather(-1, idx)
+        p = torch.softmax(t_lp.float(), dim=-1)
+        return -(p * s_lp).sum(-1)
+
+    V = student_logits.shape[-1]
+    loss = _chunked_mean(
+        per_position,
+        [student_logits.reshape(-1, V), t_logprobs.reshape(-1, k), t_idx.reshape(-1, k)],
+        mask,
+        chunk_size,
+    )
+    return loss * temperature**2
+
+
+def kl_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = 4096,
+) -> torch.Tensor:
+    """Full-vocabulary forward KL(teacher || student) at temperature T, scaled by T^2."""
+
+    def per_position(s_logits: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
+        s_lp = torch.log_softmax(s_logits.float() / temperature, dim=-1)
+        t_lp = torch.log_softmax(t_logits.detach().float() / temperature, dim=-1)
+        return (t_lp.exp() * (t_lp - s_lp)).sum(-1)
+
+    V = student_logits.shape[-1]
+    if teacher_logits.shape[-1] != V:
+        raise ValueError(f"vocab sizes differ: student {V}, teacher {teacher_logits.shape[-1]}")
+    loss = _chunked_mean(
+        per_position, [student_logits.reshape(-1, V), teacher_logits.reshape(-1, V)], mask, chunk_size
+    )
+    return loss * temperature**2
+
+
+def lm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    chunk_size: int = 4096,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Next-token cross-entropy; labels already shifted. ``ignore_index`` and mask=False are excluded."""
+    V = logits.shape[-1]
+    flat_labels = labels.reshape(-1)
+    keep = flat_labels != ignore_index
+    if mask is not None:
+        keep = keep & mask.reshape(-1).to(torch.bool)
+
+    def per_position(lg: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(lg.float(), lb, reduction="none")
+
+    return _chunked_mean(per_position, [logits.reshape(-1, V), flat_labels], keep, chunk_size)
+
+
+def mixed_loss(kd: torch.Tensor, lm: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha * kd + (1 - alpha) * lm."""
+    return alpha * kd + (1.0 - alpha) * lm
