@@ -117,3 +117,42 @@ def _list_index(part: str, key: str) -> int:
         return int(part)
     except ValueError:
         raise ValueError(f"--set {key}: {part!r} is not a list index") from None
+
+
+DistillLoss = Literal["kd_topk", "kd_topk_renorm", "kl", "lm"]
+
+
+class DistillConfig(StrictModel):
+    """One distillation run (see docs/distill.md). ``batch_size`` is the global batch in
+    sequences per optimizer step; it is split over processes and micro-batches."""
+
+    tokens: int = Field(..., gt=0, description="training token budget (input tokens)")
+    batch_size: int = Field(8, gt=0, description="global sequences per optimizer step")
+    micro_batch_size: int | None = Field(None, gt=0, description="sequences per forward per process")
+    lr: float = Field(3.0e-4, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to lr * this")
+    warmup_fraction: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    loss: DistillLoss = "kd_topk"
+    alpha: float = Field(1.0, ge=0, le=1, description="weight of the KD term; 1 - alpha goes to LM loss")
+    topk: int = Field(8, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    chunk_size: int = Field(4096, gt=0, description="positions per loss chunk")
+    router_aux_loss_coef: float = Field(0.0, ge=0, description="student load-balancing loss weight")
+    seed: int = 0
+    checkpoint_every: int | None = Field(None, gt=0, description="optimizer steps between checkpoints")
+    keep_checkpoints: int = Field(2, gt=0)
+    eval_every: int | None = Field(None, gt=0, description="optimizer steps between held-out evals")
+    eval_batch_size: int = Field(8, gt=0)
+    keep_best: bool = Field(True, description="final model = best held-out checkpoint")
+    early_stopping_patience: int | None = Field(None, gt=0, description="evals without improvement")
+    gradient_checkpointing: bool = False
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    experts_implementation: Literal["auto", "eager", "batched_mm", "grouped_mm"] = "auto"
+    teacher_cache_dir: Path | None = Field(None, description="teacher top-k cache; None = off")
+    teacher_device_map: str | None = Field(None, description="e.g. 'auto' to spread a large teacher")
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    log_every: int = Field(1, gt=0)
+    progress: bool = True

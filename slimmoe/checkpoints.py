@@ -1,0 +1,158 @@
+"""Atomic training checkpoints for exact resume.
+
+A checkpoint is a folder ``step-00000012`` holding ``model.pt``, ``optimizer.pt``,
+``scheduler.pt``, ``rng.pt`` and, written last, ``state.json`` with the training
+position and a manifest (size + sha256) of the other files. It is written under a
+temporary name and renamed into place, so a folder with the final name is complete
+unless the disk itself lies; the manifest catches that case too. Loading walks from the
+newest folder to the oldest and skips (with a warning) any that fails to verify or load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+STATE_FILE = "state.json"
+_PAYLOAD_FILES = ("model", "optimizer", "scheduler", "rng")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Every RNG a training step may draw from (python, numpy, torch CPU and CUDA)."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Completed-looking checkpoint folders, oldest first (temporary folders excluded)."""
+    if not root.is_dir():
+        return []
+    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()]
+    return sorted(dirs, key=lambda p: int(p.name[5:]))
+
+
+def save_checkpoint(root: Path, step: int, payload: dict[str, Any], state: dict[str, Any], keep: int) -> Path:
+    """Write ``payload`` (model/optimizer/scheduler/rng objects) and ``state`` atomically.
+
+    Keeps the newest ``keep`` checkpoints. Call from one process only.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    manifest = {}
+    for name in _PAYLOAD_FILES:
+        path = tmp / f"{name}.pt"
+        with open(path, "wb") as f:
+            torch.save(payload[name], f)
+            f.flush()
+            os.fsync(f.fileno())
+        manifest[path.name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    doc = dict(state, step=step, manifest=manifest)
+    with open(tmp / STATE_FILE, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    if final.exists():  # a stale folder of the same step from an earlier attempt
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in checkpoint_dirs(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-step-*"):
+        if stale != tmp:
+            shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _load_one(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    state = json.loads((path / STATE_FILE).read_text())
+    for fname, meta in state["manifest"].items():
+        f = path / fname
+        if f.stat().st_size != meta["size"] or _sha256(f) != meta["sha256"]:
+            raise ValueError(f"{f}: size or checksum does not match the manifest")
+    payload = {name: torch.load(path / f"{name}.pt", map_location="cpu", weights_only=False) for name in _PAYLOAD_FILES}
+    return state, payload
+
+
+def load_latest_checkpoint(root: Path) -> tuple[Path, dict[str, Any], dict[str, Any]] | None:
+    """(folder, state, payload) of the newest checkpoint that verifies, or None.
+
+    Broken checkpoints are skipped with a ``UserWarning`` naming them.
+    """
+    for path in reversed(checkpoint_dirs(Path(root))):
+        try:
+            state, payload = _load_one(path)
+        except Exception as e:  # noqa: BLE001 - any failure means "not usable"
+            warnings.warn(f"skipping unreadable checkpoint {path}: {type(e).__name__}: {e}", stacklevel=2)
+            continue
+        return path, state, payload
+    return None
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file next to ``path``, then rename over it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

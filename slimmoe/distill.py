@@ -1,0 +1,414 @@
+"""The distillation loop: student trains against a frozen teacher (or plain LM loss).
+
+Determinism is by construction, which is what makes resume exact and 1-process and
+N-process runs agree: the samples of optimizer step ``s`` are a function of
+(seed, s) only, and before each micro-batch the global RNG is reseeded from
+(seed, s, global micro-batch index), so phimoe's Gumbel router noise and any dropout
+do not depend on how many steps ran in this process or on the process count.
+See docs/distill.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from slimmoe import losses
+from slimmoe.checkpoints import (
+    atomic_torch_save, atomic_write_text, capture_rng_state, load_latest_checkpoint,
+    restore_rng_state, save_checkpoint,
+)
+from slimmoe.config import DistillConfig
+from slimmoe.errors import UserError
+from slimmoe.teacher_cache import build_or_open, fingerprint_model
+
+DONE_FILE = "distill_done.json"
+LOSSES_FILE = "losses.jsonl"
+BEST_FILE = "best_student.pt"
+# Measured in bench/distill.py (see docs/distill.md): fastest per device type.
+FASTEST_EXPERTS = {"cpu": "batched_mm", "cuda": "grouped_mm"}
+
+MetricsCallback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class DistillResult:
+    out_dir: str
+    steps: int
+    tokens: int
+    resumed_from_step: int | None = None
+    best_step: int | None = None
+    best_metric: float | None = None
+    stopped_early: bool = False
+    initial_eval: dict[str, float] | None = None
+    final_eval: dict[str, float] | None = None
+    already_done: bool = False
+
+
+def load_model(src: str | Path | PreTrainedModel, dtype: torch.dtype | None = None, **kw: Any) -> PreTrainedModel:
+    if isinstance(src, PreTrainedModel):
+        return src
+    if not Path(src).exists():
+        raise UserError(f"{src}: no such model folder")
+    return AutoModelForCausalLM.from_pretrained(str(src), dtype=dtype, **kw)
+
+
+def set_experts_implementation(model: PreTrainedModel, impl: str, device_type: str) -> str | None:
+    """Select transformers' fused-experts kernel; 'auto' = fastest measured on this device."""
+    if impl == "auto":
+        impl = FASTEST_EXPERTS.get(device_type, "eager")
+    if not getattr(model, "_can_set_experts_implementation", lambda: False)():
+        return None
+    model.set_experts_implementation(impl)
+    return impl
+
+
+def step_sample_ids(step: int, batch_size: int, n: int, seed: int, _perms: dict = {}) -> torch.Tensor:  # noqa: B006
+    """Block indices of the global batch of optimizer step ``step``: one fixed permutation per epoch."""
+    g = torch.arange(step * batch_size, (step + 1) * batch_size)
+    out = torch.empty_like(g)
+    for epoch in torch.unique(g // n).tolist():
+        key = (seed, n, epoch)
+        if key not in _perms:
+            _perms.clear() if len(_perms) > 8 else None
+            _perms[key] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        sel = (g // n) == epoch
+        out[sel] = _perms[key][g[sel] % n]
+    return out
+
+
+def micro_seed(seed: int, step: int, micro: int) -> int:
+    return ((seed * 1_000_003 + step) * 8191 + micro) % (2**63 - 1)
+
+
+def lr_lambda(total_steps: int, warmup_fraction: float, min_lr_ratio: float) -> Callable[[int], float]:
+    warmup = int(round(total_steps * warmup_fraction))
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def _shift(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels (next token) and mask for full-length logits: the last position has no label."""
+    labels = torch.roll(ids, -1, dims=1)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[:, -1] = False
+    return labels, mask
+
+
+class _Teacher:
+    """The frozen teacher on its own device/dtype, or the top-k cache standing in for it."""
+
+    def __init__(self, model: PreTrainedModel | None, cache=None):
+        self.model, self.cache = model, cache
+
+    def logits(self, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+        dev = next(self.model.parameters()).device
+        with torch.no_grad():
+            return self.model(input_ids=ids.to(dev), use_cache=False).logits.to(device)
+
+    def topk(self, ids, rows, cfg: DistillConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cache is not None:
+            lp, idx = self.cache.get(rows)
+            return lp.to(device), idx.to(device)
+        return losses.teacher_topk(self.logits(ids, device), k=cfg.topk, temperature=cfg.temperature)
+
+
+def _micro_loss(model, teacher: _Teacher, ids, rows, cfg: DistillConfig, acc: Accelerator) -> torch.Tensor:
+    labels, mask = _shift(ids)
+    kw = {"output_router_logits": True} if cfg.router_aux_loss_coef > 0 else {}
+    with acc.autocast():
+        out = model(input_ids=ids, use_cache=False, **kw)
+    logits = out.logits
+    lm = None
+    if cfg.loss == "lm" or cfg.alpha < 1:
+        lm = losses.lm_loss(logits, labels, mask=mask, chunk_size=cfg.chunk_size)
+    if cfg.loss == "lm":
+        loss = lm
+    else:
+        if cfg.loss == "kl":
+            kd = losses.kl_loss(logits, teacher.logits(ids, logits.device), mask, cfg.temperature, cfg.chunk_size)
+        else:
+            fn = losses.kd_topk_loss if cfg.loss == "kd_topk" else losses.kd_topk_renorm_loss
+            t_lp, t_idx = teacher.topk(ids, rows, cfg, logits.device)
+            kd = fn(logits, t_lp, t_idx, mask, cfg.temperature, cfg.chunk_size)
+        loss = kd if lm is None else losses.mixed_loss(kd, lm, cfg.alpha)
+    if cfg.router_aux_loss_coef > 0 and getattr(out, "aux_loss", None) is not None:
+        loss = loss + cfg.router_aux_loss_coef * out.aux_loss.float()
+    return loss
+
+
+@torch.no_grad()
+def evaluate(model, teacher: PreTrainedModel | None, blocks: torch.Tensor, cfg: DistillConfig,
+             acc: Accelerator) -> dict[str, float]:
+    """Held-out perplexity of the student and full-vocabulary KL(teacher || student), all ranks."""
+    was_training = model.training
+    model.eval()
+    shard = blocks[acc.process_index :: acc.num_processes]
+    sums = torch.zeros(3, dtype=torch.float64, device=acc.device)  # nll, kl, positions
+    t = _Teacher(teacher)
+    for s in range(0, shard.shape[0], cfg.eval_batch_size):
+        ids = shard[s : s + cfg.eval_batch_size].to(acc.device)
+        labels, mask = _shift(ids)
+        with acc.autocast():
+            logits = model(input_ids=ids, use_cache=False).logits
+        count = int(mask.sum())
+        sums[0] += losses.lm_loss(logits, labels, mask, cfg.chunk_size).double() * count
+        if teacher is not None:
+            kl = losses.kl_loss(logits, t.logits(ids, logits.device), mask, 1.0, cfg.chunk_size)
+            sums[1] += kl.double() * count
+        sums[2] += count
+    sums = acc.reduce(sums, reduction="sum") if acc.num_processes > 1 else sums
+    model.train(was_training)
+    n = max(sums[2].item(), 1.0)
+    out = {"eval_nll": sums[0].item() / n, "eval_ppl": math.exp(min(sums[0].item() / n, 50.0))}
+    if teacher is not None:
+        out["eval_kl"] = sums[1].item() / n
+    return out
+
+
+def _make_accelerator(cfg: DistillConfig) -> Accelerator:
+    cuda = torch.cuda.is_available()
+    mp = cfg.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    kw: dict[str, Any] = {}
+    if cfg.distributed == "fsdp":
+        from accelerate import FullyShardedDataParallelPlugin
+
+        kw["fsdp_plugin"] = FullyShardedDataParallelPlugin(state_dict_type="FULL_STATE_DICT")
+    return Accelerator(cpu=not cuda, mixed_precision=mp, **kw)
+
+
+def _validate(student, teacher, train_blocks, eval_blocks, cfg: DistillConfig) -> None:
+    if not isinstance(train_blocks, torch.Tensor) or train_blocks.dim() != 2 or train_blocks.shape[0] == 0:
+        raise UserError("data: expected a non-empty [N, seq_len] tensor of token blocks")
+    if train_blocks.shape[1] < 2:
+        raise UserError("data: blocks need at least 2 tokens")
+    if cfg.loss != "lm" and teacher is None:
+        raise UserError(f"teacher: loss {cfg.loss!r} needs a teacher (use loss='lm' without one)")
+    if cfg.teacher_cache_dir is not None and cfg.loss not in ("kd_topk", "kd_topk_renorm"):
+        raise UserError(f"teacher_cache_dir: the cache holds top-k outputs; loss {cfg.loss!r} cannot use it")
+    if teacher is not None and student.config.vocab_size != teacher.config.vocab_size:
+        raise UserError(f"teacher: vocab size {teacher.config.vocab_size} differs from the student's "
+                        f"{student.config.vocab_size}")
+    if cfg.topk > student.config.vocab_size:
+        raise UserError(f"topk: {cfg.topk} exceeds the vocabulary size {student.config.vocab_size}")
+
+
+def distill(
+    student: str | Path | PreTrainedModel,
+    teacher: str | Path | PreTrainedModel | None,
+    out_dir: str | Path,
+    train_blocks: torch.Tensor,
+    eval_blocks: torch.Tensor | None = None,
+    config: DistillConfig | None = None,
+    *,
+    metrics_callback: MetricsCallback | None = None,
+    **overrides: Any,
+) -> DistillResult:
+    """Distil ``student`` from ``teacher`` on token blocks [N, seq_len]; write the result to ``out_dir``.
+
+    ``out_dir`` receives the final student (``save_pretrained``), ``checkpoints/``,
+    ``losses.jsonl`` (one line per optimizer step) and ``distill_done.json``. Calling
+    again with the same arguments resumes from the newest good checkpoint, or returns
+    at once (``already_done``) after success. ``config`` fields may also be given as
+    keyword overrides. ``metrics_callback(step, metrics)`` runs on rank 0 only.
+    """
+    cfg = DistillConfig(**{**(config.model_dump() if config else {}), **overrides})
+    out = Path(out_dir)
+    if (out / DONE_FILE).is_file():
+        doc = json.loads((out / DONE_FILE).read_text())
+        return DistillResult(**{**doc, "already_done": True})
+    acc = _make_accelerator(cfg)
+    dev_type = acc.device.type
+    s_model = load_model(student, dtype=torch.float32)
+    t_kw = {"device_map": cfg.teacher_device_map} if cfg.teacher_device_map else {}
+    t_model = load_model(teacher, **t_kw) if teacher is not None else None
+    _validate(s_model, t_model, train_blocks, eval_blocks, cfg)
+    set_experts_implementation(s_model, cfg.experts_implementation, dev_type)
+    if t_model is not None:
+        set_experts_implementation(t_model, cfg.experts_implementation, dev_type)
+        t_model.eval().requires_grad_(False)
+        if not cfg.teacher_device_map:
+            t_model.to(acc.device)
+    if cfg.gradient_checkpointing:
+        s_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    s_model.config.use_cache = False
+
+    world, rank = acc.num_processes, acc.process_index
+    micro = cfg.micro_batch_size or max(1, cfg.batch_size // world)
+    if cfg.batch_size % (micro * world):
+        raise UserError(f"batch_size: {cfg.batch_size} is not a multiple of micro_batch_size {micro} x {world} processes")
+    accum = cfg.batch_size // (micro * world)
+    n, seq_len = train_blocks.shape
+    total_steps = math.ceil(cfg.tokens / (cfg.batch_size * seq_len))
+
+    decay = [p for p in s_model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in s_model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, cfg.warmup_fraction, cfg.min_lr_ratio))
+    s_model.train()
+    model, opt = acc.prepare(s_model, opt)
+    unwrapped = acc.unwrap_model(model)
+
+    ck_root = out / "checkpoints"
+    state: dict[str, Any] = {"best_metric": None, "best_step": None, "bad_evals": 0, "initial_eval": None,
+                             "last_eval": None, "stopped_early": False}
+    start_step, resumed = 0, None
+    found = load_latest_checkpoint(ck_root)
+    if found is not None:
+        path, saved, payload = found
+        unwrapped.load_state_dict(payload["model"])
+        opt.load_state_dict(payload["optimizer"])
+        sched.load_state_dict(payload["scheduler"])
+        restore_rng_state(payload["rng"])
+        start_step = resumed = saved["step"]
+        state.update({k: saved[k] for k in state if k in saved})
+        if acc.is_main_process:
+            print(f"slimmoe distill: resuming from checkpoint {path} (step {start_step}/{total_steps})",
+                  file=sys.stderr, flush=True)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        _truncate_losses(out / LOSSES_FILE, start_step)
+    acc.wait_for_everyone()
+
+    teacher = _Teacher(t_model)
+    if cfg.teacher_cache_dir is not None and t_model is not None:
+        teacher.cache = _open_cache(cfg, t_model, train_blocks, acc, micro)
+
+    def log(step: int, metrics: dict[str, float]) -> None:
+        if metrics_callback is not None and acc.is_main_process:
+            metrics_callback(step, metrics)
+
+    def run_eval(step: int) -> dict[str, float]:
+        metrics = evaluate(model, t_model, eval_blocks, cfg, acc)
+        log(step, metrics)
+        return metrics
+
+    do_eval = eval_blocks is not None and eval_blocks.shape[0] > 0 and cfg.eval_every is not None
+    metric_name = "eval_kl" if t_model is not None else "eval_nll"
+    if do_eval and start_step == 0:
+        state["initial_eval"] = state["last_eval"] = m0 = run_eval(0)
+        state["best_metric"], state["best_step"] = m0[metric_name], 0
+        if cfg.keep_best and acc.is_main_process:
+            atomic_torch_save(unwrapped.state_dict(), out / BEST_FILE)
+
+    bar = tqdm(total=total_steps, initial=start_step, disable=not (acc.is_main_process and cfg.progress),
+               desc="distill", unit="step")
+    t0, tokens_run = time.perf_counter(), 0
+    step = start_step
+    while step < total_steps and not state["stopped_early"]:
+        ids_all = step_sample_ids(step, cfg.batch_size, n, cfg.seed)
+        step_loss = torch.zeros((), device=acc.device)
+        for j in range(accum):
+            g = j * world + rank  # global micro-batch index
+            rows = ids_all[g * micro : (g + 1) * micro]
+            ids = train_blocks[rows].to(acc.device)
+            torch.manual_seed(micro_seed(cfg.seed, step, g))
+            ctx = acc.no_sync(model) if j < accum - 1 else _nullcontext()
+            with ctx:
+                loss = _micro_loss(model, teacher, ids, rows, cfg, acc)
+                acc.backward(loss / accum)
+            step_loss += loss.detach() / accum
+        grad_norm = None
+        if cfg.max_grad_norm is not None:
+            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        mean_loss = (acc.reduce(step_loss, reduction="mean") if world > 1 else step_loss).item()
+        tokens_run += cfg.batch_size * seq_len
+        tok_s = tokens_run / max(time.perf_counter() - t0, 1e-9)
+        record = {"step": step, "loss": mean_loss, "lr": sched.get_last_lr()[0], "tokens": step * cfg.batch_size * seq_len}
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        if acc.is_main_process:
+            with open(out / LOSSES_FILE, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tok_s:,.0f}")
+        if step % cfg.log_every == 0:
+            log(step, {"loss": mean_loss, "lr": record["lr"], "tokens_per_second": tok_s})
+        if do_eval and (step % cfg.eval_every == 0 or step == total_steps):
+            state["last_eval"] = m = run_eval(step)
+            if state["best_metric"] is None or m[metric_name] < state["best_metric"]:
+                state.update(best_metric=m[metric_name], best_step=step, bad_evals=0)
+                if cfg.keep_best and acc.is_main_process:
+                    atomic_torch_save(unwrapped.state_dict(), out / BEST_FILE)
+            else:
+                state["bad_evals"] += 1
+                if cfg.early_stopping_patience and state["bad_evals"] >= cfg.early_stopping_patience:
+                    state["stopped_early"] = True
+        if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0) and step < total_steps:
+            if acc.is_main_process:
+                payload = {"model": unwrapped.state_dict(), "optimizer": opt.state_dict(),
+                           "scheduler": sched.state_dict(), "rng": capture_rng_state()}
+                save_checkpoint(ck_root, step, payload, dict(state, config=cfg.model_dump(mode="json")),
+                                cfg.keep_checkpoints)
+            acc.wait_for_everyone()
+    bar.close()
+
+    acc.wait_for_everyone()
+    if do_eval and cfg.keep_best and state["best_step"] is not None and state["best_step"] != step:
+        unwrapped.load_state_dict(torch.load(out / BEST_FILE, map_location="cpu"))
+    result = DistillResult(out_dir=str(out), steps=step, tokens=step * cfg.batch_size * seq_len,
+                           resumed_from_step=resumed, best_step=state["best_step"], best_metric=state["best_metric"],
+                           stopped_early=state["stopped_early"], initial_eval=state["initial_eval"],
+                           final_eval=state["last_eval"])
+    if acc.is_main_process:
+        if cfg.gradient_checkpointing:
+            unwrapped.gradient_checkpointing_disable()
+        unwrapped.save_pretrained(out, state_dict=acc.get_state_dict(model) if cfg.distributed == "fsdp" else None)
+        atomic_write_text(out / DONE_FILE, json.dumps(asdict(result), indent=1))
+    acc.wait_for_everyone()
+    return result
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _truncate_losses(path: Path, keep_upto: int) -> None:
+    """Drop per-step records past the resume point (written before a crash)."""
+    if not path.is_file():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln)["step"] <= keep_upto]
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+
+
+def _open_cache(cfg: DistillConfig, t_model, blocks, acc: Accelerator, batch: int):
+    fp = fingerprint_model(t_model)
+    live = _Teacher(t_model)
+
+    def fn(ids):
+        return live.logits(ids, acc.device)
+
+    kw = dict(teacher_fp=fp, k=cfg.topk, temperature=cfg.temperature, batch_size=batch)
+    if acc.is_main_process:
+        build_or_open(cfg.teacher_cache_dir, blocks, fn, **kw)
+    acc.wait_for_everyone()
+    return build_or_open(cfg.teacher_cache_dir, blocks, fn, build=False, **kw)
