@@ -70,28 +70,26 @@ def top_indices(scores: torch.Tensor, keep: int) -> list[int]:
     return sorted(order.tolist())
 
 
-def source_sizes(adapter, model) -> dict:
-    cfg = model.config
+def source_sizes(adapter, cfg) -> dict:
     return {
         "expert_intermediate_size": adapter.expert_size(cfg),
         "num_key_value_heads": adapter.num_kv_heads(cfg),
         "num_attention_heads": int(cfg.num_attention_heads),
         "num_experts": adapter.num_experts(cfg),
         "num_experts_per_tok": adapter.top_k(cfg),
-        "shared_intermediate_size": adapter.shared_size(model, cfg),
+        "shared_intermediate_size": adapter.shared_size(cfg),
     }
 
 
-def resolve_targets(adapter, model, targets) -> dict:
-    """Check ``targets`` (a SlimTargets) against the model; fill unset sizes with the source's.
+def resolve_targets(adapter, cfg, targets) -> dict:
+    """Check ``targets`` (a SlimTargets) against a model config; fill unset sizes with the source's.
 
     Raises UserError naming the field for a target larger than its source, a KV-head count
     that does not divide the query heads, or a change the architecture cannot make.
     """
     from slimmoe.errors import UserError
 
-    src = source_sizes(adapter, model)
-    cfg = model.config
+    src = source_sizes(adapter, cfg)
     out = dict(src)
     for field_name, src_key in (
         ("expert_intermediate_size", "expert_intermediate_size"),
@@ -128,8 +126,8 @@ def build_plan(adapter, model, scores, targets, score_info: dict | None = None) 
     ``scores`` is an ImportanceScores; a structure kind whose target equals its source
     size is kept whole without looking at its scores.
     """
-    src = source_sizes(adapter, model)
-    tgt = resolve_targets(adapter, model, targets)
+    src = source_sizes(adapter, model.config)
+    tgt = resolve_targets(adapter, model.config, targets)
     blocks = {b.layer_idx: b for b in adapter.moe_blocks(model)}
     layers = []
     for i in range(len(adapter.layers(model))):

@@ -8,6 +8,7 @@ second full copy of the weights is allocated.
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 
 import torch
@@ -173,22 +174,26 @@ def _rebuild(old: nn.Module, cfg, state: dict) -> nn.Module:
     return new
 
 
-def save_slimmed(model: nn.Module, plan: SlimPlan, out: str | Path, tokenizer=None) -> Path:
-    """Save with ``save_pretrained`` into a temporary sibling folder, then rename it to ``out``."""
+def save_slimmed(model: nn.Module, plan: SlimPlan, out: str | Path, tokenizer=None, extra: dict | None = None) -> Path:
+    """Save with ``save_pretrained`` into a temporary sibling folder, then swap it in for ``out``.
+
+    ``extra`` maps file names to writers (``writer(path)``) for side files such as scores.
+    An interrupted save leaves ``out`` as it was.
+    """
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp-slim")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+    for name, write in (extra or {}).items():
+        write(tmp / name)
     plan.save(tmp)
+    old = out.with_name(out.name + ".old-slim")
     if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
     tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
     return out

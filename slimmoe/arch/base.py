@@ -107,7 +107,7 @@ class MoEAdapter:
     def top_k(self, config) -> int:
         return int(config.num_experts_per_tok)
 
-    def shared_size(self, model_or_none, config) -> int | None:
+    def shared_size(self, config) -> int | None:
         """Total width of a layer's shared experts (None when the family has none)."""
         if self.shared_size_field is None:
             return None

@@ -12,7 +12,7 @@ class DeepseekV3Adapter(MoEAdapter):
     # shared experts' width is moe_intermediate_size * n_shared_experts: no field of its own
     kv_refusal = "its multi-head latent attention (MLA) has no KV groups to remove"
 
-    def shared_size(self, model_or_none, config) -> int:
+    def shared_size(self, config) -> int:
         return int(config.moe_intermediate_size * config.n_shared_experts)
 
     def check_expert_dropping(self, config, num_experts: int) -> None:

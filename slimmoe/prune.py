@@ -1,0 +1,78 @@
+"""One-shot slimming of a checkpoint: calibration data -> importance -> plan -> smaller model."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from slimmoe.arch import get_adapter
+from slimmoe.config import PruneConfig
+from slimmoe.data import load_blocks, random_blocks
+from slimmoe.errors import UserError
+from slimmoe.evaluate import parameter_counts
+from slimmoe.importance import Wanted, estimate_importance
+from slimmoe.loading import load_config, load_model, load_tokenizer
+from slimmoe.plan import PLAN_FILE, build_plan, resolve_targets
+from slimmoe.slim import apply_plan, save_slimmed
+
+log = logging.getLogger("slimmoe")
+SCORES_FILE = "importance.pt"
+
+
+def calibration_blocks(cfg: PruneConfig, tokenizer, vocab_size: int) -> torch.Tensor:
+    """Token blocks for scoring: the text in ``cfg.data`` or, failing that, random tokens."""
+    imp = cfg.importance
+    if cfg.data is not None and tokenizer is not None:
+        blocks, _ = load_blocks(cfg.data, tokenizer, imp.seq_len, max_blocks=imp.samples)
+        if blocks.shape[0] < imp.samples:
+            log.warning("data: %s holds %d blocks of %d tokens, fewer than samples=%d", cfg.data, blocks.shape[0], imp.seq_len, imp.samples)
+        return blocks
+    why = "no --data given" if cfg.data is None else "the checkpoint has no tokenizer"
+    log.warning("calibrating on random token sequences (%s); scores from real text are better", why)
+    return random_blocks(vocab_size, imp.samples, imp.seq_len, seed=imp.seed)
+
+
+def check_output(out: Path, force: bool) -> None:
+    """Refuse to replace a folder that is not an earlier slimmoe output, unless forced."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / PLAN_FILE).exists() and not force)):
+        raise UserError(f"OUT: {out} exists and is not an earlier slimmoe output; pass --force to replace it")
+
+
+def prune(model_path: str, out: str | Path, cfg: PruneConfig, teacher_path: str | None = None,
+          force: bool = False, progress: bool = True) -> dict:
+    """Score ``model_path`` and save the slimmed checkpoint plus ``slim_plan.json`` in ``out``.
+
+    Everything is validated (paths, targets, architecture) before any weight is loaded, and
+    ``out`` is only replaced once the new checkpoint is fully written.
+    """
+    out = Path(out)
+    check_output(out, force)
+    config = load_config(model_path)
+    adapter = get_adapter(config)
+    targets = resolve_targets(adapter, config, cfg.targets)
+    model = load_model(model_path)
+    teacher = load_model(teacher_path, "TEACHER") if teacher_path else None
+    tokenizer = load_tokenizer(model_path)
+    blocks = calibration_blocks(cfg, tokenizer, config.vocab_size)
+    want = Wanted(  # score only what the plan cuts
+        neurons=targets["expert_intermediate_size"] < adapter.expert_size(config),
+        kv=targets["num_key_value_heads"] < adapter.num_kv_heads(config),
+        experts=targets["num_experts"] < adapter.num_experts(config),
+    )
+    scores = estimate_importance(model, blocks, cfg.importance, teacher=teacher, want=want, progress=progress)
+    plan = build_plan(adapter, model, scores, cfg.targets, score_info=cfg.importance.model_dump())
+    before = parameter_counts(model)
+    slim = apply_plan(model, plan)
+    del model
+    after = parameter_counts(slim)
+    save_slimmed(slim, plan, out, tokenizer=tokenizer, extra={SCORES_FILE: scores.save})
+    return {
+        "output": str(out),
+        "source": plan.source,
+        "target": plan.target,
+        "params_before": before,
+        "params_after": after,
+        "calibration_tokens": int(blocks.numel()),
+    }
