@@ -16,13 +16,14 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/slimmoe demo
+	$(BIN)/python recipes/prune_tiny.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)
 	$(BIN)/python bench/importance.py
+	$(BIN)/python bench/distill.py
 
 clean:
 	rm -rf $(VENV) outputs runs
