@@ -6,9 +6,10 @@ aligned (the caller shifts labels). ``mask`` is a bool tensor of the leading sha
 positions, returned as a float32 scalar.
 
 Memory: the vocabulary-sized intermediates (log-softmax, probabilities) exist for one
-chunk of ``chunk_size`` positions at a time. When gradients are needed each chunk is
-wrapped in ``torch.utils.checkpoint`` so backward also recomputes one chunk at a time
-instead of keeping every chunk's log-softmax alive.
+chunk of ``chunk_size`` positions at a time. When the logits need a gradient, it is
+computed chunk by chunk in the forward pass into a single logits-shaped buffer (see
+``_ChunkedMean``), so backward holds nothing else and recomputes nothing. Gradients flow
+to the student logits only; teacher outputs and labels are constants.
 
 Names follow DESIGN.md: ``kd_topk_loss`` is the residual-bucket form (the default
 distillation loss), ``kd_topk_renorm_loss`` the paper's soft cross-entropy to the
@@ -23,7 +24,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "teacher_topk",
@@ -64,44 +64,86 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
+class _ChunkedMean(torch.autograd.Function):
+    """Mean of a per-position loss over counted positions, one chunk at a time.
+
+    When the logits need a gradient it is computed chunk by chunk during the forward
+    pass into one buffer of the logits' shape (the gradient has to exist anyway), so
+    neither pass ever holds more than one chunk of vocabulary-sized intermediates and
+    nothing is recomputed in backward. Only ``logits`` receives a gradient; the other
+    inputs (teacher outputs, labels) are constants.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, per_position, others, mask, chunk_size):  # noqa: D401
+        need_grad = ctx.needs_input_grad[0]
+        n = logits.shape[0]
+        grad = torch.zeros_like(logits) if need_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        count = 0
+        for s in range(0, n, chunk_size):
+            part, rest = logits[s : s + chunk_size], [t[s : s + chunk_size] for t in others]
+            sel = None
+            if mask is not None:
+                m = mask[s : s + chunk_size]
+                c = int(m.sum())
+                if c == 0:
+                    continue
+                if c < m.numel():
+                    sel = m
+                    rest = [t[m] for t in rest]
+            else:
+                c = part.shape[0]
+            if need_grad:
+                with torch.enable_grad():
+                    leaf = part.detach().requires_grad_(True)
+                    val = per_position(leaf if sel is None else leaf[sel], *rest).sum()
+                    (g,) = torch.autograd.grad(val, leaf)
+                grad[s : s + chunk_size] = g
+            else:
+                val = per_position(part if sel is None else part[sel], *rest).sum()
+            total += val.detach().float()
+            count += c
+        denom = max(count, 1)
+        if need_grad:
+            grad.div_(denom)
+            ctx.save_for_backward(grad)
+        return total / denom
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        scaled = grad if bool(grad_out == 1) else grad * grad_out.to(grad.dtype)
+        return scaled, None, None, None, None
+
+
 def _chunked_mean(
     per_position: Callable[..., torch.Tensor],
-    tensors: list[torch.Tensor],
+    logits: torch.Tensor,
+    others: list[torch.Tensor],
     mask: torch.Tensor | None,
     chunk_size: int,
 ) -> torch.Tensor:
-    """Sum ``per_position(*chunk_tensors)`` over chunks of counted positions, divide by their count.
+    """Mean of ``per_position(logits_chunk, *other_chunks) -> [n]`` over counted positions.
 
-    ``tensors`` are flattened to [N, ...]; ``per_position`` returns a [n] vector for a chunk.
+    ``logits`` is [N, V], ``others`` are [N, ...], ``mask`` is [N] or None.
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
-    n = tensors[0].shape[0]
+    n = logits.shape[0]
     if mask is not None:
-        mask = mask.reshape(-1).to(torch.bool)
+        mask = mask.reshape(-1).to(device=logits.device, dtype=torch.bool)
         if mask.shape[0] != n:
             raise ValueError(f"mask has {mask.shape[0]} positions, logits have {n}")
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    total = tensors[0].new_zeros((), dtype=torch.float32)
-    count = 0
-    for s in range(0, n, chunk_size):
-        parts = [t[s : s + chunk_size] for t in tensors]
-        if mask is not None:
-            m = mask[s : s + chunk_size]
-            c = int(m.sum())
-            if c == 0:
-                continue
-            if c < m.numel():
-                parts = [p[m] for p in parts]
-        else:
-            c = parts[0].shape[0]
-        if needs_grad:
-            chunk_sum = checkpoint(lambda *a: per_position(*a).sum(), *parts, use_reentrant=False)
-        else:
-            chunk_sum = per_position(*parts).sum()
-        total = total + chunk_sum
-        count += c
-    return total / max(count, 1)
+    others = [t.detach() for t in others]
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _ChunkedMean.apply(logits, per_position, others, mask, chunk_size)
+    with torch.no_grad():
+        return _ChunkedMean.forward(_NoGradCtx(), logits, per_position, others, mask, chunk_size)
+
+
+class _NoGradCtx:
+    needs_input_grad = (False,)
 
 
 def kd_topk_loss(
@@ -134,7 +176,8 @@ def kd_topk_loss(
     V = student_logits.shape[-1]
     loss = _chunked_mean(
         per_position,
-        [student_logits.reshape(-1, V), t_logprobs.reshape(-1, k), t_idx.reshape(-1, k)],
+        student_logits.reshape(-1, V),
+        [t_logprobs.reshape(-1, k), t_idx.reshape(-1, k)],
         mask,
         chunk_size,
     )
@@ -164,7 +207,8 @@ def kd_topk_renorm_loss(
     V = student_logits.shape[-1]
     loss = _chunked_mean(
         per_position,
-        [student_logits.reshape(-1, V), t_logprobs.reshape(-1, k), t_idx.reshape(-1, k)],
+        student_logits.reshape(-1, V),
+        [t_logprobs.reshape(-1, k), t_idx.reshape(-1, k)],
         mask,
         chunk_size,
     )
@@ -189,7 +233,7 @@ def kl_loss(
     if teacher_logits.shape[-1] != V:
         raise ValueError(f"vocab sizes differ: student {V}, teacher {teacher_logits.shape[-1]}")
     loss = _chunked_mean(
-        per_position, [student_logits.reshape(-1, V), teacher_logits.reshape(-1, V)], mask, chunk_size
+        per_position, student_logits.reshape(-1, V), [teacher_logits.reshape(-1, V)], mask, chunk_size
     )
     return loss * temperature**2
 
@@ -211,7 +255,7 @@ def lm_loss(
     def per_position(lg: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(lg.float(), lb, reduction="none")
 
-    return _chunked_mean(per_position, [logits.reshape(-1, V), flat_labels], keep, chunk_size)
+    return _chunked_mean(per_position, logits.reshape(-1, V), [flat_labels], keep, chunk_size)
 
 
 def mixed_loss(kd: torch.Tensor, lm: torch.Tensor, alpha: float) -> torch.Tensor:

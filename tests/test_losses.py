@@ -201,3 +201,22 @@ def test_all_masked_gives_zero_and_mixed_loss():
     assert losses.lm_loss(s, labels, mask=torch.zeros(2, 3, dtype=torch.bool)).item() == 0.0
     kd, lm = torch.tensor(2.0), torch.tensor(4.0)
     assert losses.mixed_loss(kd, lm, 0.25).item() == pytest.approx(0.25 * 2 + 0.75 * 4)
+
+
+def test_gradient_scales_through_mixed_loss(data):
+    """Backward with an upstream gradient != 1 (mixed loss weights) scales the chunked gradient."""
+    s, t, mask = data
+    t_lp, t_idx = losses.teacher_topk(t, k=K)
+    labels = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(3))
+
+    def mixed(x):
+        kd = losses.kd_topk_loss(x, t_lp, t_idx, mask=mask, chunk_size=4)
+        return losses.mixed_loss(kd, losses.lm_loss(x, labels, mask=mask, chunk_size=8), 0.3)
+
+    def parts(x):
+        kd = 0.3 * losses.kd_topk_loss(x, t_lp, t_idx, mask=mask, chunk_size=4096)
+        return kd + 0.7 * losses.lm_loss(x, labels, mask=mask, chunk_size=4096)
+
+    torch.testing.assert_close(_grad(mixed, s), _grad(parts, s), atol=1e-7, rtol=1e-5)
+    g_kd = _grad(lambda x: losses.kd_topk_loss(x, t_lp, t_idx, mask=mask), s)
+    torch.testing.assert_close(_grad(lambda x: 2.5 * losses.kd_topk_loss(x, t_lp, t_idx, mask=mask), s), 2.5 * g_kd)
