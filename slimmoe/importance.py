@@ -62,6 +62,18 @@ class Wanted:
     experts: bool = True
 
 
+def wanted_for(adapter: MoEAdapter, config, targets) -> Wanted:
+    """Which structure kinds a plan to ``targets`` (SlimTargets) cuts, so only those are scored."""
+    from slimmoe.plan import resolve_targets
+
+    t = resolve_targets(adapter, config, targets)
+    return Wanted(
+        neurons=t["expert_intermediate_size"] < adapter.expert_size(config),
+        kv=t["num_key_value_heads"] < adapter.num_kv_heads(config),
+        experts=t["num_experts"] < adapter.num_experts(config),
+    )
+
+
 def _zeros(*shape) -> torch.Tensor:
     return torch.zeros(*shape, dtype=torch.float64)
 

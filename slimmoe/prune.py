@@ -12,7 +12,7 @@ from slimmoe.config import PruneConfig
 from slimmoe.data import load_blocks, random_blocks
 from slimmoe.errors import UserError
 from slimmoe.evaluate import parameter_counts
-from slimmoe.importance import Wanted, estimate_importance
+from slimmoe.importance import estimate_importance, wanted_for
 from slimmoe.loading import load_config, load_model, load_tokenizer
 from slimmoe.plan import PLAN_FILE, build_plan, resolve_targets
 from slimmoe.slim import apply_plan, save_slimmed
@@ -51,16 +51,12 @@ def prune(model_path: str, out: str | Path, cfg: PruneConfig, teacher_path: str 
     check_output(out, force)
     config = load_config(model_path)
     adapter = get_adapter(config)
-    targets = resolve_targets(adapter, config, cfg.targets)
+    resolve_targets(adapter, config, cfg.targets)  # bad targets fail before any weight is loaded
     model = load_model(model_path)
     teacher = load_model(teacher_path, "TEACHER") if teacher_path else None
     tokenizer = load_tokenizer(model_path)
     blocks = calibration_blocks(cfg, tokenizer, config.vocab_size)
-    want = Wanted(  # score only what the plan cuts
-        neurons=targets["expert_intermediate_size"] < adapter.expert_size(config),
-        kv=targets["num_key_value_heads"] < adapter.num_kv_heads(config),
-        experts=targets["num_experts"] < adapter.num_experts(config),
-    )
+    want = wanted_for(adapter, config, cfg.targets)  # score only what the plan cuts
     scores = estimate_importance(model, blocks, cfg.importance, teacher=teacher, want=want, progress=progress)
     plan = build_plan(adapter, model, scores, cfg.targets, score_info=cfg.importance.model_dump())
     before = parameter_counts(model)

@@ -1,0 +1,151 @@
+"""The schema of a pipeline YAML (``slimmoe run CONFIG.yaml``): teacher, data, stages, tracking.
+
+A stage needs only a name and a target; everything else has defaults::
+
+    stages:
+      - name: final
+        expert_intermediate_size: 64
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from slimmoe.config import DistillConfig, ImportanceConfig, SlimTargets, StrictModel, apply_overrides, load_yaml
+
+DEFAULT_STAGE_TOKENS = 1_000_000
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class DataConfig(StrictModel):
+    train: str = Field(..., description="text/jsonl/parquet file or folder, or a hub dataset id")
+    eval: str | None = Field(None, description="held-out text; default: the last eval_fraction of train")
+    eval_fraction: float = Field(0.05, ge=0, lt=1)
+    seq_len: int = Field(256, gt=1)
+    text_field: str = "text"
+    max_blocks: int | None = Field(None, gt=0, description="cap on train blocks")
+
+
+class EvalConfig(StrictModel):
+    max_blocks: int = Field(64, gt=0, description="held-out blocks used for perplexity")
+    batch_size: int = Field(8, gt=0)
+
+
+class StageSettings(StrictModel):
+    """How a stage scores, distils and evaluates; shared by explicit and scheduled stages."""
+
+    importance: ImportanceConfig = ImportanceConfig()
+    distill: DistillConfig | None = Field(
+        default_factory=lambda: DistillConfig(tokens=DEFAULT_STAGE_TOKENS),
+        description="null: prune only, no distillation",
+    )
+    eval: EvalConfig = EvalConfig()
+
+    @field_validator("distill", mode="before")
+    @classmethod
+    def _default_tokens(cls, v: Any) -> Any:
+        if isinstance(v, dict) and "tokens" not in v:
+            return {**v, "tokens": DEFAULT_STAGE_TOKENS}
+        return v
+
+
+class StageConfig(StageSettings):
+    """One stage: prune one-shot to these sizes, then distil from the original teacher."""
+
+    name: str
+    expert_intermediate_size: int | None = Field(None, gt=0)
+    num_key_value_heads: int | None = Field(None, gt=0)
+    num_experts: int | None = Field(None, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError("must be letters, digits, '_', '.' or '-' (it names a folder)")
+        return v
+
+    def targets(self) -> SlimTargets:
+        return SlimTargets(
+            expert_intermediate_size=self.expert_intermediate_size,
+            num_key_value_heads=self.num_key_value_heads,
+            num_experts=self.num_experts,
+        )
+
+
+class ScheduleConfig(StageSettings):
+    """Automatic stages: sizes interpolated geometrically in parameters from teacher to ``final``."""
+
+    num_stages: int = Field(2, ge=1)
+    final: SlimTargets
+
+
+class TrackingConfig(StrictModel):
+    uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<output_dir>/mlflow.db")
+    experiment: str = "slimmoe"
+    register_models: bool = True
+
+
+class PipelineConfig(StrictModel):
+    name: str
+    teacher: str = Field(..., description="checkpoint folder or hub id of the original model")
+    output_dir: Path
+    data: DataConfig
+    stages: list[StageConfig] = Field(default_factory=list)
+    schedule: ScheduleConfig | None = None
+    tracking: TrackingConfig = TrackingConfig()
+    seed: int = 0
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError("must be letters, digits, '_', '.' or '-'")
+        return v
+
+    @model_validator(mode="after")
+    def _stages_or_schedule(self) -> "PipelineConfig":
+        if bool(self.stages) == (self.schedule is not None):
+            raise ValueError("give either stages or schedule (exactly one)")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        return self
+
+    def tracking_uri(self) -> str:
+        return self.tracking.uri or f"sqlite:///{Path(self.output_dir).resolve() / 'mlflow.db'}"
+
+
+def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read a pipeline YAML, apply ``--set a.b=c`` overrides, validate (unknown keys are errors).
+
+    Relative paths inside the file (teacher, data, output_dir) stay relative to the current
+    directory, as the CLI user typed them.
+    """
+    data = load_yaml(path)
+    apply_overrides(data, overrides or [])
+    return PipelineConfig.model_validate(data)
+
+
+def expand_schedule(cfg: PipelineConfig, teacher_config) -> PipelineConfig:
+    """Turn ``schedule`` into explicit stages (``stage1`` ... ``final``); a copy of ``cfg``."""
+    if cfg.schedule is None:
+        return cfg
+    from slimmoe.schedule import interpolate_stages
+
+    sch = cfg.schedule
+    targets = interpolate_stages(teacher_config, sch.final, sch.num_stages)
+    stages = [
+        StageConfig(
+            name="final" if i == len(targets) - 1 else f"stage{i + 1}",
+            **t.model_dump(),
+            importance=sch.importance,
+            distill=sch.distill,
+            eval=sch.eval,
+        )
+        for i, t in enumerate(targets)
+    ]
+    return cfg.model_copy(update={"stages": stages, "schedule": None})

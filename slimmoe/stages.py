@@ -1,0 +1,140 @@
+"""The pipeline's steps as library calls from paths to paths (no Prefect, no MLflow).
+
+Each step reads its inputs from folders/files, writes its output atomically, and returns
+a small JSON-able dict with the output path and a content fingerprint. The Prefect tasks
+in ``tasks/`` wrap exactly one of these each; ``bench/pipeline.py`` calls them directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import torch
+
+from slimmoe.arch import get_adapter
+from slimmoe.checkpoints import atomic_torch_save
+from slimmoe.config import DistillConfig, ImportanceConfig, SlimTargets
+from slimmoe.data import data_fingerprint, load_blocks
+from slimmoe.evaluate import parameter_counts, perplexity, tokens_per_second
+from slimmoe.importance import ImportanceScores, estimate_importance, wanted_for
+from slimmoe.loading import load_model, load_tokenizer
+from slimmoe.plan import PLAN_FILE, SlimPlan, build_plan
+from slimmoe.slim import apply_plan, save_slimmed
+
+_BIG = 64 << 20  # files larger than this are fingerprinted by size + head + tail
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt")
+
+
+def folder_fingerprint(path: str | Path) -> str:
+    """Content hash of a checkpoint folder: names and bytes of its top-level files.
+
+    Files over 64 MiB (real checkpoints' shards) are hashed by size and their first and
+    last MiB, which keeps fingerprinting a 80 GB teacher to seconds.
+    """
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(path).iterdir() if p.is_file()):
+        h.update(f.name.encode())
+        size = f.stat().st_size
+        h.update(str(size).encode())
+        with open(f, "rb") as fh:
+            if size <= _BIG:
+                h.update(fh.read())
+            else:
+                h.update(fh.read(1 << 20))
+                fh.seek(size - (1 << 20))
+                h.update(fh.read())
+    return h.hexdigest()[:24]
+
+
+def model_ref(path: str | Path) -> dict:
+    """A local checkpoint as tasks pass it around: path + fingerprint."""
+    p = Path(path)
+    fp = folder_fingerprint(p) if p.is_dir() else hashlib.sha256(str(path).encode()).hexdigest()[:24]
+    return {"path": str(path), "fingerprint": fp}
+
+
+def prepare_data(source: str, tokenizer_dir: str, out_dir: str | Path, seq_len: int, eval_path: str | None = None,
+                 eval_fraction: float = 0.05, text_field: str = "text", max_blocks: int | None = None) -> dict:
+    """Tokenise and pack the corpus once; ``out_dir/blocks-<fp>.pt`` holds train and eval blocks."""
+    tok = load_tokenizer(tokenizer_dir)
+    if tok is None:
+        from slimmoe.errors import UserError
+
+        raise UserError(f"teacher: {tokenizer_dir} has no tokenizer; the pipeline tokenises data with it")
+    fp = data_fingerprint(source, tok, seq_len, eval_fraction=eval_fraction, eval_path=eval_path,
+                          max_blocks=max_blocks, text_field=text_field)[:24]
+    path = Path(out_dir) / f"blocks-{fp}.pt"
+    if not path.exists():
+        train, held = load_blocks(source, tok, seq_len, eval_fraction=eval_fraction, eval_path=eval_path,
+                                  max_blocks=max_blocks, text_field=text_field)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save({"train": train, "eval": held}, path)
+    blocks = torch.load(path, weights_only=True)
+    return {"path": str(path), "fingerprint": fp, "source": str(source), "seq_len": seq_len,
+            "train_blocks": int(blocks["train"].shape[0]), "eval_blocks": int(blocks["eval"].shape[0])}
+
+
+def load_prepared(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    blocks = torch.load(path, weights_only=True)
+    return blocks["train"], blocks["eval"]
+
+
+def score(model_dir: str, teacher_dir: str | None, blocks_path: str, cfg: ImportanceConfig, targets: SlimTargets,
+          out_path: str | Path, progress: bool = True) -> dict:
+    """Importance of ``model_dir``'s structures against the teacher (itself when None)."""
+    model = load_model(model_dir)
+    want = wanted_for(get_adapter(model.config), model.config, targets)
+    teacher = load_model(teacher_dir, "teacher") if teacher_dir else None
+    train, _ = load_prepared(blocks_path)
+    scores = estimate_importance(model, train, cfg, teacher=teacher, want=want, progress=progress)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_suffix(".tmp")
+    scores.save(tmp)
+    tmp.replace(out_path)
+    return {"path": str(out_path), "fingerprint": hashlib.sha256(out_path.read_bytes()).hexdigest()[:24],
+            "calibration_tokens": int(train[: cfg.samples].numel())}
+
+
+def slim(model_dir: str, scores_path: str, targets: SlimTargets, out_dir: str | Path, score_info: dict | None = None) -> dict:
+    """Apply the plan the scores imply; the tokenizer of ``model_dir`` travels along."""
+    model = load_model(model_dir)
+    adapter = get_adapter(model.config)
+    plan = build_plan(adapter, model, ImportanceScores.load(scores_path), targets, score_info=score_info)
+    small = apply_plan(model, plan)
+    save_slimmed(small, plan, out_dir, tokenizer=load_tokenizer(model_dir))
+    return {**model_ref(out_dir), **parameter_counts(small), "target": plan.target}
+
+
+def distill_stage(student_dir: str, teacher_dir: str, blocks_path: str, cfg: DistillConfig, out_dir: str | Path,
+                  metrics_callback=None) -> dict:
+    """Distil; resumes from ``out_dir/checkpoints`` when called again after a failure."""
+    from slimmoe.distill import distill
+
+    train, held = load_prepared(blocks_path)
+    result = distill(student_dir, teacher_dir, out_dir, train, held if held.numel() else None, cfg,
+                     metrics_callback=metrics_callback)
+    for name in TOKENIZER_FILES + (PLAN_FILE,):
+        src = Path(student_dir) / name
+        if src.exists() and not (Path(out_dir) / name).exists():
+            shutil.copy2(src, Path(out_dir) / name)
+    from dataclasses import asdict
+
+    return {**model_ref(out_dir), "distill": asdict(result)}
+
+
+def evaluate_stage(model_dir: str, blocks_path: str, max_blocks: int = 64, batch_size: int = 8) -> dict:
+    """Held-out perplexity, parameter counts and forward throughput (train blocks if no held-out)."""
+    model = load_model(model_dir)
+    train, held = load_prepared(blocks_path)
+    split = "eval" if held.numel() else "train"
+    blocks = (held if held.numel() else train)[:max_blocks]
+    return {"perplexity": perplexity(model, blocks, batch_size), **parameter_counts(model),
+            "tokens_per_second": tokens_per_second(model, blocks[:batch_size]), "perplexity_split": split}
+
+
+def plan_of(model_dir: str | Path) -> SlimPlan | None:
+    p = Path(model_dir) / PLAN_FILE
+    return SlimPlan.load(p) if p.exists() else None
