@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from importlib.metadata import entry_points
 
 from pydantic import ValidationError
 
@@ -105,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         cli_distill = None
     if cli_distill is not None:
         cli_distill.add_parser(sub)
+    for ep in entry_points(group="slimmoe.commands"):  # run, demo: the pipeline (Prefect + MLflow)
+        ep.load()(sub)
     return parser
 
 

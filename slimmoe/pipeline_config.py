@@ -149,3 +149,14 @@ def expand_schedule(cfg: PipelineConfig, teacher_config) -> PipelineConfig:
         for i, t in enumerate(targets)
     ]
     return cfg.model_copy(update={"stages": stages, "schedule": None})
+
+
+def check_inputs(cfg: PipelineConfig) -> None:
+    """Fail fast, before any flow starts, on a missing teacher folder or data file."""
+    from slimmoe.errors import UserError
+    from slimmoe.loading import load_config
+
+    load_config(cfg.teacher, "teacher")
+    for field_name, value in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
+        if value and not Path(value).exists() and (Path(value).suffix or value.startswith((".", "/", "~"))):
+            raise UserError(f"{field_name}: no such file or folder: {value}")

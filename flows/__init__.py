@@ -1,0 +1,1 @@
+"""Prefect flows: compress (multi-stage), teacher (offline demo teacher)."""

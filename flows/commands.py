@@ -1,0 +1,89 @@
+"""`slimmoe run` and `slimmoe demo`: the pipeline commands.
+
+They live outside the library (which never imports Prefect or MLflow) and join the
+``slimmoe`` command through the ``slimmoe.commands`` entry-point group (pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from slimmoe.errors import UserError
+
+
+def _quiet_prefect() -> None:
+    # A temporary local server starts when no PREFECT_API_URL is set; its telemetry
+    # otherwise logs a harmless "database is locked" error on the first start.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def add_run(sub) -> None:
+    p = sub.add_parser("run", help="run the multi-stage compression pipeline of a YAML config",
+                       description="Run the compress flow. Writes <output_dir>/<stage>/model/ per stage and "
+                                   "<output_dir>/summary.json.")
+    p.add_argument("config", metavar="CONFIG.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override any config field, e.g. --set stages.0.distill.tokens=2000")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from slimmoe.pipeline_config import check_inputs, load_pipeline_config
+
+    try:
+        cfg = load_pipeline_config(args.config, args.overrides)
+    except ValueError as e:
+        if hasattr(e, "errors"):  # pydantic ValidationError
+            raise
+        raise UserError(str(e)) from None
+    check_inputs(cfg)
+    _quiet_prefect()
+    from flows.compress import compress
+
+    summary = compress(cfg)
+    print(format_summary(summary))
+    return 0
+
+
+def add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="offline demo: train a small MoE teacher, compress it in two stages",
+                       description="Train a small phimoe teacher on the bundled corpus, compress it in two stages "
+                                   "with the compress flow, print the summary and where to look.")
+    p.add_argument("--output-dir", default="outputs/demo")
+    p.add_argument("--config", default=None, help="compress config (default deployments/configs/demo.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    p.set_defaults(func=demo)
+
+
+def demo(args) -> int:
+    from slimmoe.pipeline_config import load_pipeline_config
+
+    root = Path(__file__).resolve().parents[1]
+    config = args.config or str(root / "deployments" / "configs" / "demo.yaml")
+    out = Path(args.output_dir)
+    cfg = load_pipeline_config(config, [f"teacher={out / 'teacher'}", f"output_dir={out / 'compress'}",
+                                        f"data.train={root / 'data' / 'tinyshakespeare.txt'}", *args.overrides])
+    _quiet_prefect()
+    from flows.compress import compress
+    from flows.teacher import teacher
+    from slimmoe.teacher import TeacherConfig
+
+    teacher(TeacherConfig(corpus=root / "data" / "tinyshakespeare.txt"), output_dir=str(out / "teacher"),
+            tracking_uri=cfg.tracking_uri(), experiment=cfg.tracking.experiment)
+    summary = compress(cfg)
+    print(format_summary(summary))
+    print(f"\nsummary:  {Path(cfg.output_dir) / 'summary.json'}")
+    print(f"MLflow:   {summary['mlflow']['ui']}   then open http://127.0.0.1:5000")
+    print("Prefect:  prefect server start   then open http://127.0.0.1:4200 (runs of this demo used a temporary "
+          "server unless PREFECT_API_URL was set; see README, 'Deployments')")
+    return 0
+
+
+def format_summary(summary: dict) -> str:
+    head = f"{'stage':10s}{'width':>7s}{'KV':>4s}{'experts':>8s}{'total':>12s}{'active':>12s}{'ppl':>9s}{'tokens':>10s}"
+    lines = [head, "-" * len(head)]
+    for r in summary["stages"]:
+        lines.append(f"{r['stage']:10s}{r['expert_intermediate_size']:>7}{r['num_key_value_heads']:>4}{r['num_experts']:>8}"
+                     f"{r['total_params']:>12,}{r['active_params']:>12,}{r['perplexity']:>9.2f}{r['tokens']:>10,}")
+    return "\n".join(lines)

@@ -1,0 +1,92 @@
+"""What the flows share: resolving a config, binding tasks to the output folder's cache,
+the folder layout of a stage, and the rows of ``summary.json``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from slimmoe import stages
+from slimmoe.arch import get_adapter
+from slimmoe.loading import load_config
+from slimmoe.pipeline_config import PipelineConfig, expand_schedule
+from slimmoe.plan import source_sizes
+from tasks import lineage, steps
+from tasks.caching import bind_cache
+
+CACHED_STEPS = ("prepare_data", "importance", "slim", "distill", "evaluate")
+RUN_STEPS = ("start_pipeline_run", "start_stage_run", "register_stage_model", "summarize")
+
+
+@task(name="fingerprint-teacher", cache_policy=NO_CACHE)
+def fingerprint(path: str) -> dict:
+    return stages.model_ref(path)
+
+
+def resolve_pipeline(config: PipelineConfig) -> tuple[PipelineConfig, dict]:
+    """Expand an automatic schedule (printing it) and fix the tracking settings."""
+    teacher_cfg = load_config(config.teacher, "teacher")
+    get_adapter(teacher_cfg)  # a dense or unsupported teacher fails here, before any work
+    cfg = expand_schedule(config, teacher_cfg)
+    if config.schedule is not None:
+        from slimmoe.schedule import format_schedule
+
+        print("automatic schedule:\n" + format_schedule([s.targets() for s in cfg.stages], teacher_cfg))
+    out = Path(cfg.output_dir).resolve()
+    tracking = {"uri": cfg.tracking_uri(), "experiment": cfg.tracking.experiment,
+                "artifact_location": (out / "mlartifacts").as_uri(), "register_models": cfg.tracking.register_models}
+    return cfg, tracking
+
+
+def pipeline_tasks(output_dir: Path, refresh: bool = False) -> SimpleNamespace:
+    """The flow's tasks, with cached steps storing keys and results under ``output_dir``."""
+    bound = {name: bind_cache(getattr(steps, name), output_dir, refresh) for name in CACHED_STEPS}
+    bound.update({name: getattr(lineage, name) for name in RUN_STEPS})
+    return SimpleNamespace(fingerprint=fingerprint, **bound)
+
+
+@dataclass
+class StageOutputs:
+    """Where a stage writes: ``<output_dir>/<stage>/{importance.pt, pruned/, model/}``."""
+
+    root: Path
+    stage: str
+
+    @property
+    def scores(self) -> str:
+        return str(self.root / self.stage / "importance.pt")
+
+    @property
+    def pruned(self) -> str:
+        return str(self.root / self.stage / "pruned")
+
+    @property
+    def model(self) -> str:
+        return str(self.root / self.stage / "model")
+
+
+def teacher_row(path: str, metrics: dict, run_id: str) -> dict:
+    sizes = source_sizes(get_adapter(load_config(path, "teacher")), load_config(path, "teacher"))
+    return {"stage": "teacher", "model": path, **_sizes(sizes), **_metrics(metrics), "tokens": 0,
+            "calibration_tokens": 0, "mlflow_run_id": run_id, "model_version": None}
+
+
+def stage_row(name: str, small: dict, student: dict, scores: dict, metrics: dict, run_id: str, version) -> dict:
+    distilled = student.get("distill") or {}
+    return {"stage": name, "model": student["path"], **_sizes(small["target"]), **_metrics(metrics),
+            "tokens": int(distilled.get("tokens", 0)), "calibration_tokens": int(scores.get("calibration_tokens", 0)),
+            "distill_steps": distilled.get("steps"), "resumed_from_step": distilled.get("resumed_from_step"),
+            "mlflow_run_id": run_id, "model_version": version}
+
+
+def _sizes(s: dict) -> dict:
+    keys = ("expert_intermediate_size", "num_experts", "num_experts_per_tok", "num_key_value_heads", "num_attention_heads")
+    return {k: s.get(k) for k in keys}
+
+
+def _metrics(m: dict) -> dict:
+    return {k: m[k] for k in ("total_params", "active_params", "perplexity", "tokens_per_second")}

@@ -1,0 +1,82 @@
+"""MLflow runs of a pipeline: one parent run, one nested run per stage, registered models.
+
+Runs are keyed by what they describe (the resolved config and the fingerprints of the
+teacher and data for the parent; the stage's settings and input fingerprints for a
+stage), so a cached re-run of the same pipeline finds and reuses the same runs instead
+of creating empty ones, and a stage whose work is reused keeps its one run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from slimmoe.checkpoints import atomic_write_text
+from tasks.steps import _artifact_key, tracker
+
+KEY_TAG = "slimmoe.key"
+SUMMARY_FILE = "summary.json"
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _find_run(tr, key: str) -> str | None:
+    runs = tr.client.search_runs([tr.experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{key}'", max_results=1,
+                                 order_by=["attributes.start_time DESC"])
+    return runs[0].info.run_id if runs else None
+
+
+@task(name="start-pipeline-run", cache_policy=NO_CACHE)
+def start_pipeline_run(config: dict, teacher: dict, blocks: dict, tracking: dict) -> str:
+    tr = tracker(tracking)
+    key = _key(config, teacher["fingerprint"], blocks["fingerprint"])
+    return _find_run(tr, key) or tr.start_pipeline(
+        config["name"], config, tags={KEY_TAG: key, "slimmoe.teacher": teacher["path"]})
+
+
+@task(name="start-stage-run", cache_policy=NO_CACHE)
+def start_stage_run(parent_run_id: str, stage: dict, model: dict, teacher: dict, blocks: dict, tracking: dict) -> str:
+    tr = tracker(tracking)
+    key = _key(stage, model["fingerprint"], teacher["fingerprint"], blocks["fingerprint"])
+    return _find_run(tr, key) or tr.start_stage(
+        parent_run_id, stage["name"], stage, tags={KEY_TAG: key, "slimmoe.input_model": model["path"]})
+
+
+@task(name="register-stage-model", cache_policy=NO_CACHE)
+def register_stage_model(pipeline: str, stage: str, model: dict, parent: dict, tracking: dict, run_id: str) -> str | None:
+    """A model-registry version per stage, tagged with the model it was made from."""
+    tr = tracker(tracking)
+    version = None
+    if tracking.get("register_models", True):
+        version = tr.register_model(pipeline, model["path"], run_id, tags={
+            "stage": stage, "fingerprint": model["fingerprint"], "parent_model": parent["path"],
+            "parent_version": parent.get("version") or "teacher"})
+    tr.finish(run_id)
+    return version
+
+
+@task(name="summarize", cache_policy=NO_CACHE)
+def summarize(config: dict, rows: list[dict], tracking: dict, parent_run_id: str) -> dict:
+    """Write ``summary.json``, log the lineage to the parent run, publish a Prefect table."""
+    tr = tracker(tracking)
+    summary = {"name": config["name"], "teacher": config["teacher"], "mlflow": {
+        "tracking_uri": tracking["uri"], "experiment": tracking["experiment"], "parent_run_id": parent_run_id,
+        "ui": tr.ui_command()}, "stages": rows}
+    out = Path(config["output_dir"]) / SUMMARY_FILE
+    atomic_write_text(out, json.dumps(summary, indent=1))
+    tr.log_summary(parent_run_id, rows)
+    tr.finish(parent_run_id)
+    create_table_artifact(key=_artifact_key(config["name"], "summary"), table=rows,
+                          description="Teacher and every stage: sizes, parameters, perplexity, tokens")
+    lineage = " -> ".join(r["stage"] for r in rows)
+    create_markdown_artifact(key=_artifact_key(config["name"], "lineage"), markdown=(
+        f"## {config['name']}\n\nLineage: {lineage}\n\nMLflow: [parent run]({tr.run_url(parent_run_id)}) "
+        f"(`{tr.ui_command()}`)\n\nSummary: `{out}`\n"))
+    return summary

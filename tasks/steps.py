@@ -1,0 +1,100 @@
+"""One Prefect task per pipeline step, each wrapping one call of ``slimmoe.stages``.
+
+Inputs and outputs are JSON-able dicts of paths, content fingerprints and settings, so
+Prefect can hash them for cache keys (see ``tasks.caching``). Each task logs what it
+produced to the stage's MLflow run (ids passed explicitly: MLflow's active run is
+thread-local) and leaves a Prefect artifact.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from slimmoe import stages
+from slimmoe.config import DistillConfig, ImportanceConfig, SlimTargets
+from tasks.caching import step_policy
+from tasks.tracking import Tracker, metric_name
+
+FAULT_ENV = "SLIMMOE_INJECT_FAULT_AT_STEP"  # tests: fail the distill task once at this step
+
+
+def tracker(tracking: dict) -> Tracker:
+    return Tracker(tracking["uri"], tracking["experiment"], tracking.get("artifact_location"))
+
+
+def _artifact_key(*parts: str) -> str:
+    return "-".join(p.lower().replace("_", "-").replace(".", "-") for p in parts)[:100]
+
+
+@task(name="prepare-data", cache_policy=step_policy("slimmoe.data", "slimmoe.stages"))
+def prepare_data(data: dict, tokenizer_dir: str, out_dir: str) -> dict:
+    """Tokenise and pack the corpus with the teacher's tokenizer (once per content)."""
+    return stages.prepare_data(data["train"], tokenizer_dir, out_dir, data["seq_len"], eval_path=data.get("eval"),
+                               eval_fraction=data["eval_fraction"], text_field=data["text_field"],
+                               max_blocks=data.get("max_blocks"))
+
+
+@task(name="importance", task_run_name="importance-{stage}", cache_policy=step_policy("slimmoe.importance", "slimmoe.losses", "slimmoe.stages"))
+def importance(stage: str, model: dict, teacher: dict | None, blocks: dict, settings: dict, targets: dict, out_path: str,
+               tracking: dict, run_id: str) -> dict:
+    """Score the current model's structures against the original teacher."""
+    cfg = ImportanceConfig(**settings)
+    res = stages.score(model["path"], teacher["path"] if teacher else None, blocks["path"], cfg,
+                       SlimTargets(**targets), out_path)
+    tr = tracker(tracking)
+    tr.log_dataset(run_id, "calibration", blocks["source"], blocks["fingerprint"], min(cfg.samples, blocks["train_blocks"]),
+                   blocks["seq_len"], "calibration")
+    tr.log_importance_histograms(run_id, res["path"])
+    return res
+
+
+@task(name="slim", task_run_name="slim-{stage}", cache_policy=step_policy("slimmoe.slim", "slimmoe.plan", "slimmoe.arch.base", "slimmoe.stages"))
+def slim(stage: str, model: dict, scores: dict, targets: dict, settings: dict, out_dir: str, tracking: dict, run_id: str) -> dict:
+    """Cut the model to the stage's sizes by the scores."""
+    res = stages.slim(model["path"], scores["path"], SlimTargets(**targets), out_dir, score_info=settings)
+    tracker(tracking).log_metrics(run_id, {"slim/total_params": res["total_params"], "slim/active_params": res["active_params"]})
+    return res
+
+
+@task(name="distill", task_run_name="distill-{stage}", retries=2, retry_delay_seconds=1,
+      cache_policy=step_policy("slimmoe.distill", "slimmoe.losses", "slimmoe.checkpoints", "slimmoe.stages"))
+def distill(stage: str, student: dict, teacher: dict, blocks: dict, settings: dict, out_dir: str, tracking: dict, run_id: str) -> dict:
+    """Distil from the original teacher. A retry resumes from the newest checkpoint in ``out_dir``."""
+    cfg = DistillConfig(**settings)
+    tr = tracker(tracking)
+    fault_at = int(os.environ.get(FAULT_ENV, "0") or 0)
+    marker = Path(out_dir).with_name(Path(out_dir).name + ".fault-injected")
+
+    def on_metrics(step: int, metrics: dict) -> None:
+        tr.log_metrics(run_id, {metric_name(k): v for k, v in metrics.items()}, step=step)
+        if fault_at and step == fault_at and not marker.exists():
+            marker.touch()
+            raise RuntimeError(f"injected fault at step {step} ({FAULT_ENV})")
+
+    res = stages.distill_stage(student["path"], teacher["path"], blocks["path"], cfg, out_dir, metrics_callback=on_metrics)
+    tr.log_dataset(run_id, "train", blocks["source"], blocks["fingerprint"], blocks["train_blocks"], blocks["seq_len"], "train")
+    tr.log_loss_curve(run_id, str(Path(out_dir) / "losses.jsonl"))
+    return res
+
+
+@task(name="evaluate", task_run_name="evaluate-{stage}", cache_policy=step_policy("slimmoe.evaluate", "slimmoe.stages"))
+def evaluate(stage: str, model: dict, blocks: dict, settings: dict, tracking: dict, run_id: str) -> dict:
+    """Held-out perplexity, total / active parameters and throughput of the stage's model."""
+    metrics = stages.evaluate_stage(model["path"], blocks["path"], settings["max_blocks"], settings["batch_size"])
+    tr = tracker(tracking)
+    if blocks["eval_blocks"]:
+        tr.log_dataset(run_id, "eval", blocks["source"], blocks["fingerprint"], blocks["eval_blocks"], blocks["seq_len"], "eval")
+    tr.log_metrics(run_id, {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    create_table_artifact(key=_artifact_key("stage", stage, "metrics"), table=[{"stage": stage, **metrics}],
+                          description=f"Sizes and metrics of stage {stage}")
+    create_markdown_artifact(
+        key=_artifact_key("stage", stage, "summary"),
+        markdown=f"### Stage `{stage}`\n\n* model: `{model['path']}`\n* perplexity: {metrics['perplexity']:.3f}\n"
+                 f"* total / active parameters: {metrics['total_params']:,} / {metrics['active_params']:,}\n"
+                 f"* MLflow run: [{run_id}]({tr.run_url(run_id)})\n",
+    )
+    return metrics
