@@ -156,3 +156,45 @@ def atomic_write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def full_model_state(fsdp: bool, acc, model, unwrapped) -> dict | None:
+    """The full student state dict on rank 0 (a collective call under FSDP; None elsewhere)."""
+    if fsdp:
+        return acc.get_state_dict(model)
+    return unwrapped.state_dict() if acc.is_main_process else None
+
+
+def full_train_state(fsdp: bool, acc, model, unwrapped, opt):
+    if fsdp:  # untested here (needs GPUs): full, CPU-offloaded states via DCP helpers
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_state_dict(model, opt.optimizer, options=opts)
+    if not acc.is_main_process:
+        return None, None
+    return unwrapped.state_dict(), opt.state_dict()
+
+
+def load_train_state(fsdp: bool, model, unwrapped, opt, payload: dict) -> None:
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        opts = StateDictOptions(full_state_dict=True)
+        optimizers = [] if opt is None else [opt.optimizer]
+        set_state_dict(model, optimizers, model_state_dict=payload["model"],
+                       optim_state_dict=payload.get("optimizer", {}) if opt is not None else {}, options=opts)
+        return
+    unwrapped.load_state_dict(payload["model"])
+    if opt is not None:
+        opt.load_state_dict(payload["optimizer"])
+
+
+def truncate_jsonl(path: Path, keep_upto: int) -> None:
+    """Drop per-step records past the resume point (written before a crash)."""
+    if not path.is_file():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln)["step"] <= keep_upto]
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(ln + "\n" for ln in kept))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -96,7 +97,9 @@ def run(args) -> int:
     from slimmoe.distill import DONE_FILE
 
     if (out / DONE_FILE).is_file():
-        print(f"slimmoe distill: {out} is already done (remove {out / DONE_FILE} to run again)", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 speaks
+            print(f"slimmoe distill: {out} is already done (remove {out / DONE_FILE} to run again)",
+                  file=sys.stderr)
         return 0
     cfg = _build_config(args)
     student = _check_model_dir(args.student, "STUDENT")

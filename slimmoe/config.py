@@ -139,7 +139,7 @@ class DistillConfig(StrictModel):
     alpha: float = Field(1.0, ge=0, le=1, description="weight of the KD term; 1 - alpha goes to LM loss")
     topk: int = Field(8, gt=0)
     temperature: float = Field(1.0, gt=0)
-    chunk_size: int = Field(4096, gt=0, description="positions per loss chunk")
+    chunk_size: int = Field(512, gt=0, description="positions per loss chunk (memory vs vocab x chunk)")
     router_aux_loss_coef: float = Field(0.0, ge=0, description="student load-balancing loss weight")
     seed: int = 0
     checkpoint_every: int | None = Field(None, gt=0, description="optimizer steps between checkpoints")

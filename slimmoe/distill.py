@@ -10,6 +10,7 @@ See docs/distill.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -25,8 +26,8 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from slimmoe import losses
 from slimmoe.checkpoints import (
-    atomic_torch_save, atomic_write_text, capture_rng_state, load_latest_checkpoint,
-    restore_rng_state, save_checkpoint,
+    atomic_torch_save, atomic_write_text, capture_rng_state, full_model_state, full_train_state,
+    load_latest_checkpoint, load_train_state, restore_rng_state, save_checkpoint, truncate_jsonl,
 )
 from slimmoe.config import DistillConfig
 from slimmoe.errors import UserError
@@ -36,7 +37,7 @@ DONE_FILE = "distill_done.json"
 LOSSES_FILE = "losses.jsonl"
 BEST_FILE = "best_student.pt"
 # Measured in bench/distill.py (see docs/distill.md): fastest per device type.
-FASTEST_EXPERTS = {"cpu": "batched_mm", "cuda": "grouped_mm"}
+FASTEST_EXPERTS = {"cpu": "grouped_mm", "cuda": "grouped_mm"}
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
 
@@ -248,10 +249,11 @@ def distill(
         if not cfg.teacher_device_map:
             t_model.to(acc.device)
     if cfg.gradient_checkpointing:
-        s_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        s_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     s_model.config.use_cache = False
 
     world, rank = acc.num_processes, acc.process_index
+    fsdp = cfg.distributed == "fsdp"
     micro = cfg.micro_batch_size or max(1, cfg.batch_size // world)
     if cfg.batch_size % (micro * world):
         raise UserError(f"batch_size: {cfg.batch_size} is not a multiple of micro_batch_size {micro} x {world} processes")
@@ -275,8 +277,7 @@ def distill(
     found = load_latest_checkpoint(ck_root)
     if found is not None:
         path, saved, payload = found
-        unwrapped.load_state_dict(payload["model"])
-        opt.load_state_dict(payload["optimizer"])
+        load_train_state(fsdp, model, unwrapped, opt, payload)
         sched.load_state_dict(payload["scheduler"])
         restore_rng_state(payload["rng"])
         start_step = resumed = saved["step"]
@@ -286,7 +287,7 @@ def distill(
                   file=sys.stderr, flush=True)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        _truncate_losses(out / LOSSES_FILE, start_step)
+        truncate_jsonl(out / LOSSES_FILE, start_step)
     acc.wait_for_everyone()
 
     teacher = _Teacher(t_model)
@@ -307,8 +308,10 @@ def distill(
     if do_eval and start_step == 0:
         state["initial_eval"] = state["last_eval"] = m0 = run_eval(0)
         state["best_metric"], state["best_step"] = m0[metric_name], 0
-        if cfg.keep_best and acc.is_main_process:
-            atomic_torch_save(unwrapped.state_dict(), out / BEST_FILE)
+        if cfg.keep_best:
+            best_sd = full_model_state(fsdp, acc, model, unwrapped)
+            if acc.is_main_process:
+                atomic_torch_save(best_sd, out / BEST_FILE)
 
     bar = tqdm(total=total_steps, initial=start_step, disable=not (acc.is_main_process and cfg.progress),
                desc="distill", unit="step")
@@ -322,7 +325,7 @@ def distill(
             rows = ids_all[g * micro : (g + 1) * micro]
             ids = train_blocks[rows].to(acc.device)
             torch.manual_seed(micro_seed(cfg.seed, step, g))
-            ctx = acc.no_sync(model) if j < accum - 1 else _nullcontext()
+            ctx = acc.no_sync(model) if j < accum - 1 else contextlib.nullcontext()
             with ctx:
                 loss = _micro_loss(model, teacher, ids, rows, cfg, acc)
                 acc.backward(loss / accum)
@@ -351,16 +354,19 @@ def distill(
             state["last_eval"] = m = run_eval(step)
             if state["best_metric"] is None or m[metric_name] < state["best_metric"]:
                 state.update(best_metric=m[metric_name], best_step=step, bad_evals=0)
-                if cfg.keep_best and acc.is_main_process:
-                    atomic_torch_save(unwrapped.state_dict(), out / BEST_FILE)
+                if cfg.keep_best:
+                    best_sd = full_model_state(fsdp, acc, model, unwrapped)
+                    if acc.is_main_process:
+                        atomic_torch_save(best_sd, out / BEST_FILE)
             else:
                 state["bad_evals"] += 1
                 if cfg.early_stopping_patience and state["bad_evals"] >= cfg.early_stopping_patience:
                     state["stopped_early"] = True
         if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0) and step < total_steps:
+            model_sd, opt_sd = full_train_state(fsdp, acc, model, unwrapped, opt)
             if acc.is_main_process:
-                payload = {"model": unwrapped.state_dict(), "optimizer": opt.state_dict(),
-                           "scheduler": sched.state_dict(), "rng": capture_rng_state()}
+                payload = {"model": model_sd, "optimizer": opt_sd, "scheduler": sched.state_dict(),
+                           "rng": capture_rng_state()}
                 save_checkpoint(ck_root, step, payload, dict(state, config=cfg.model_dump(mode="json")),
                                 cfg.keep_checkpoints)
             acc.wait_for_everyone()
@@ -368,36 +374,19 @@ def distill(
 
     acc.wait_for_everyone()
     if do_eval and cfg.keep_best and state["best_step"] is not None and state["best_step"] != step:
-        unwrapped.load_state_dict(torch.load(out / BEST_FILE, map_location="cpu"))
+        load_train_state(fsdp, model, unwrapped, None, {"model": torch.load(out / BEST_FILE, map_location="cpu")})
+    final_sd = full_model_state(fsdp, acc, model, unwrapped) if fsdp else None
     result = DistillResult(out_dir=str(out), steps=step, tokens=step * cfg.batch_size * seq_len,
                            resumed_from_step=resumed, best_step=state["best_step"], best_metric=state["best_metric"],
                            stopped_early=state["stopped_early"], initial_eval=state["initial_eval"],
                            final_eval=state["last_eval"])
     if acc.is_main_process:
         if cfg.gradient_checkpointing:
-            unwrapped.gradient_checkpointing_disable()
-        unwrapped.save_pretrained(out, state_dict=acc.get_state_dict(model) if cfg.distributed == "fsdp" else None)
+            unwrapped.activation_checkpointing_disable()
+        unwrapped.save_pretrained(out, state_dict=final_sd)
         atomic_write_text(out / DONE_FILE, json.dumps(asdict(result), indent=1))
     acc.wait_for_everyone()
     return result
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _truncate_losses(path: Path, keep_upto: int) -> None:
-    """Drop per-step records past the resume point (written before a crash)."""
-    if not path.is_file():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln)["step"] <= keep_upto]
-    if len(kept) != len(lines):
-        atomic_write_text(path, "".join(ln + "\n" for ln in kept))
 
 
 def _open_cache(cfg: DistillConfig, t_model, blocks, acc: Accelerator, batch: int):
