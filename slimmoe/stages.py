@@ -8,13 +8,14 @@ in ``tasks/`` wrap exactly one of these each; ``bench/pipeline.py`` calls them d
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
 import torch
 
 from slimmoe.arch import get_adapter
-from slimmoe.checkpoints import atomic_torch_save
+from slimmoe.checkpoints import atomic_torch_save, atomic_write_text
 from slimmoe.config import DistillConfig, ImportanceConfig, SlimTargets
 from slimmoe.data import data_fingerprint, load_blocks
 from slimmoe.evaluate import parameter_counts, perplexity, tokens_per_second
@@ -23,6 +24,7 @@ from slimmoe.loading import load_model, load_tokenizer
 from slimmoe.plan import PLAN_FILE, SlimPlan, build_plan
 from slimmoe.slim import apply_plan, save_slimmed
 
+INPUTS_FILE = "distill_inputs.json"  # what the run in a distill folder was started from
 _BIG = 64 << 20  # files larger than this are fingerprinted by size + head + tail
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt")
 
@@ -110,9 +112,23 @@ def slim(model_dir: str, scores_path: str, targets: SlimTargets, out_dir: str | 
 
 def distill_stage(student_dir: str, teacher_dir: str, blocks_path: str, cfg: DistillConfig, out_dir: str | Path,
                   metrics_callback=None) -> dict:
-    """Distil; resumes from ``out_dir/checkpoints`` when called again after a failure."""
+    """Distil; resumes from ``out_dir/checkpoints`` when called again after a failure.
+
+    A folder left by a run with other inputs (student, teacher, data or settings) is
+    cleared first, so its checkpoints are never resumed into a different run.
+    """
     from slimmoe.distill import distill
 
+    identity = json.dumps({"student": folder_fingerprint(student_dir), "teacher": model_ref(teacher_dir)["fingerprint"],
+                           "blocks": Path(blocks_path).name,  # blocks-<data fingerprint>.pt
+                           "config": cfg.model_dump(mode="json")}, sort_keys=True)
+    out = Path(out_dir)
+    marker = out / INPUTS_FILE
+    if out.exists() and (not marker.exists() or marker.read_text() != identity):
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not marker.exists():
+        atomic_write_text(marker, identity)
     train, held = load_prepared(blocks_path)
     result = distill(student_dir, teacher_dir, out_dir, train, held if held.numel() else None, cfg,
                      metrics_callback=metrics_callback)

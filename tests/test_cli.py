@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from tiny_models import tiny_model
+from tiny_models import tiny_model, tiny_teacher_with_tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from slimmoe.cli import main
@@ -25,18 +25,7 @@ def phimoe_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def phimoe_with_tokenizer(tmp_path_factory):
     """A tiny phimoe whose vocabulary is a BPE tokenizer trained on a slice of the corpus."""
-    from pathlib import Path
-
-    from slimmoe.tokenizer import train_bpe_tokenizer
-
-    d = tmp_path_factory.mktemp("phimoe_tok")
-    text = d / "corpus.txt"
-    corpus = Path(__file__).parents[1] / "data" / "tinyshakespeare.txt"
-    text.write_text(corpus.read_text()[:20000])
-    tok = train_bpe_tokenizer(text, vocab_size=300)
-    tiny_model("phimoe", vocab_size=len(tok)).save_pretrained(d / "model")
-    tok.save_pretrained(d / "model")
-    return d / "model", text
+    return tiny_teacher_with_tokenizer(tmp_path_factory.mktemp("phimoe_tok"))
 
 
 def run_cli(args, capsys):

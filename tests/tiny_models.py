@@ -64,3 +64,21 @@ def tiny_model(model_type: str, seed: int = 0, dtype=torch.float32, **overrides)
             if name.endswith("e_score_correction_bias"):
                 b.normal_(0, 0.01)
     return model.eval()
+
+
+def tiny_teacher_with_tokenizer(folder, corpus_chars: int = 20000, model_type: str = "phimoe", **overrides):
+    """A tiny MoE plus a BPE tokenizer (vocab 300) trained on the start of the bundled
+    corpus, saved like a real checkpoint: ``folder/model`` and the text ``folder/corpus.txt``."""
+    from pathlib import Path
+
+    from slimmoe.tokenizer import train_bpe_tokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    text = folder / "corpus.txt"
+    corpus = Path(__file__).parents[1] / "data" / "tinyshakespeare.txt"
+    text.write_text(corpus.read_text()[:corpus_chars])
+    tok = train_bpe_tokenizer(text, vocab_size=300)
+    tiny_model(model_type, vocab_size=len(tok), **overrides).save_pretrained(folder / "model")
+    tok.save_pretrained(folder / "model")
+    return folder / "model", text

@@ -1,0 +1,145 @@
+"""The compress flow end to end through `slimmoe run`: outputs, summary, MLflow lineage,
+caching across runs, and a distill task that fails once and resumes on retry."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.sorting import FlowRunSort
+from prefect.testing.utilities import prefect_test_harness
+from tiny_models import tiny_teacher_with_tokenizer
+from transformers import AutoModelForCausalLM
+
+from slimmoe.cli import main
+from tasks.steps import FAULT_ENV
+
+STEP_TASKS = {"importance", "slim", "distill", "evaluate"}
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, prefect_server):
+    root = tmp_path_factory.mktemp("pipeline")
+    teacher, corpus = tiny_teacher_with_tokenizer(root / "teacher", corpus_chars=30000)
+    config = {
+        "name": "tiny-pipe",
+        "teacher": str(teacher),
+        "output_dir": str(root / "out"),
+        "data": {"train": str(corpus), "eval_fraction": 0.1, "seq_len": 32},
+        "stages": [
+            {"name": "mid", "expert_intermediate_size": 12, "importance": {"samples": 8},
+             "distill": {"tokens": 4096, "batch_size": 8, "checkpoint_every": 4, "lr": 1e-3}},
+            {"name": "final", "expert_intermediate_size": 8, "num_key_value_heads": 1, "importance": {"samples": 8},
+             "distill": {"tokens": 4096, "batch_size": 8, "checkpoint_every": 4, "lr": 1e-3}},
+        ],
+        "tracking": {"experiment": "test-pipe"},
+    }
+    path = root / "pipe.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return root, path, config
+
+
+def run(path, *overrides):
+    args = ["run", str(path)]
+    for o in overrides:
+        args += ["--set", o]
+    assert main(args) == 0
+
+
+def last_task_states() -> dict[str, str]:
+    """Task-run name -> state name of the newest flow run."""
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+    return {r.name: r.state.name for r in runs}
+
+
+def test_first_run_with_a_failing_distill_retries_and_resumes(pipeline, monkeypatch):
+    root, path, config = pipeline
+    monkeypatch.setenv(FAULT_ENV, "6")  # each distill task fails once at step 6, after the step-4 checkpoint
+    run(path)
+    summary = json.loads((root / "out" / "summary.json").read_text())
+    stages = {r["stage"]: r for r in summary["stages"]}
+    assert [r["stage"] for r in summary["stages"]] == ["teacher", "mid", "final"]
+    for name in ("mid", "final"):
+        assert stages[name]["resumed_from_step"] == 4
+        assert stages[name]["distill_steps"] == 16  # 4096 tokens / (8 x 32)
+    states = last_task_states()
+    assert states["distill-mid"] == "Completed" and states["distill-final"] == "Completed"
+
+
+def test_every_stage_model_loads_with_the_planned_shape(pipeline):
+    root, _, _ = pipeline
+    mid = AutoModelForCausalLM.from_pretrained(root / "out" / "mid" / "model")
+    final = AutoModelForCausalLM.from_pretrained(root / "out" / "final" / "model")
+    assert mid.config.intermediate_size == 12 and mid.config.num_key_value_heads == 2
+    assert final.config.intermediate_size == 8 and final.config.num_key_value_heads == 1
+    assert final.config.num_attention_heads == 2
+    assert final.model.layers[0].mlp.experts.down_proj.shape[-1] == 8
+
+
+def test_summary_is_complete(pipeline):
+    root, _, config = pipeline
+    summary = json.loads((root / "out" / "summary.json").read_text())
+    for row in summary["stages"]:
+        for key in ("expert_intermediate_size", "num_key_value_heads", "num_experts", "total_params",
+                    "active_params", "perplexity", "tokens", "mlflow_run_id"):
+            assert row[key] is not None, (row["stage"], key)
+    t, mid, final = summary["stages"]
+    assert t["total_params"] > mid["total_params"] > final["total_params"]
+    assert mid["tokens"] == 4096 and final["tokens"] == 4096
+    assert summary["mlflow"]["tracking_uri"].startswith("sqlite:///")
+
+
+def test_mlflow_holds_the_lineage(pipeline):
+    from mlflow.tracking import MlflowClient
+
+    root, _, config = pipeline
+    summary = json.loads((root / "out" / "summary.json").read_text())
+    client = MlflowClient(summary["mlflow"]["tracking_uri"])
+    exp = client.get_experiment_by_name("test-pipe")
+    runs = {r.info.run_id: r for r in client.search_runs([exp.experiment_id])}
+    parent = runs[summary["mlflow"]["parent_run_id"]]
+    children = [r for r in runs.values() if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.info.run_name for r in children) == ["final", "mid"]
+    for child in children:
+        assert child.data.params["expert_intermediate_size"] in ("12", "8")
+        assert "eval/perplexity" in child.data.metrics
+        assert client.get_metric_history(child.info.run_id, "train/loss")
+        contexts = {d.tags[0].value for d in child.inputs.dataset_inputs if d.tags}
+        assert {"train", "calibration"} <= contexts
+    versions = {v.tags["stage"]: v for v in client.search_model_versions("name='tiny-pipe'")}
+    assert set(versions) == {"mid", "final"}
+    assert versions["final"].tags["parent_version"] == str(versions["mid"].version)
+
+
+def test_second_run_is_fully_cached(pipeline, monkeypatch):
+    root, path, _ = pipeline
+    monkeypatch.delenv(FAULT_ENV, raising=False)
+    before = (root / "out" / "final" / "model" / "model.safetensors").stat().st_mtime_ns
+    run(path)
+    states = last_task_states()
+    steps = {n: s for n, s in states.items() if n.split("-")[0] in STEP_TASKS or n.startswith("prepare-data")}
+    assert len(steps) == 10 and set(steps.values()) == {"Cached"}, steps
+    assert (root / "out" / "final" / "model" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_changing_stage_two_recomputes_only_stage_two(pipeline):
+    root, path, _ = pipeline
+    run(path, "stages.1.expert_intermediate_size=4")
+    states = last_task_states()
+    for name in ("importance-mid", "slim-mid", "distill-mid", "evaluate-mid", "evaluate-teacher"):
+        assert states[name] == "Cached", (name, states[name])
+    for name in ("importance-final", "slim-final", "distill-final", "evaluate-final"):
+        assert states[name] == "Completed", (name, states[name])
+    final = AutoModelForCausalLM.from_pretrained(root / "out" / "final" / "model")
+    assert final.config.intermediate_size == 4
