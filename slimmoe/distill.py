@@ -15,6 +15,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -31,7 +32,7 @@ from slimmoe.checkpoints import (
 )
 from slimmoe.config import DistillConfig
 from slimmoe.errors import UserError
-from slimmoe.teacher_cache import build_or_open, fingerprint_model
+from slimmoe.teacher_cache import fingerprint_model, open_shared
 
 DONE_FILE = "distill_done.json"
 LOSSES_FILE = "losses.jsonl"
@@ -282,6 +283,11 @@ def distill(
         restore_rng_state(payload["rng"])
         start_step = resumed = saved["step"]
         state.update({k: saved[k] for k in state if k in saved})
+        now = cfg.model_dump(mode="json")
+        changed = sorted(k for k, v in saved.get("config", {}).items() if k != "progress" and now.get(k) != v)
+        if changed:
+            warnings.warn(f"resuming {path} with settings changed since it was written: {', '.join(changed)}",
+                          stacklevel=2)
         if acc.is_main_process:
             print(f"slimmoe distill: resuming from checkpoint {path} (step {start_step}/{total_steps})",
                   file=sys.stderr, flush=True)
@@ -292,7 +298,9 @@ def distill(
 
     teacher = _Teacher(t_model)
     if cfg.teacher_cache_dir is not None and t_model is not None:
-        teacher.cache = _open_cache(cfg, t_model, train_blocks, acc, micro)
+        teacher.cache = open_shared(cfg.teacher_cache_dir, train_blocks, lambda ids: teacher.logits(ids, acc.device),
+                                    teacher_fp=fingerprint_model(t_model), k=cfg.topk, temperature=cfg.temperature,
+                                    batch_size=micro, is_main=acc.is_main_process, barrier=acc.wait_for_everyone)
 
     def log(step: int, metrics: dict[str, float]) -> None:
         if metrics_callback is not None and acc.is_main_process:
@@ -387,17 +395,3 @@ def distill(
         atomic_write_text(out / DONE_FILE, json.dumps(asdict(result), indent=1))
     acc.wait_for_everyone()
     return result
-
-
-def _open_cache(cfg: DistillConfig, t_model, blocks, acc: Accelerator, batch: int):
-    fp = fingerprint_model(t_model)
-    live = _Teacher(t_model)
-
-    def fn(ids):
-        return live.logits(ids, acc.device)
-
-    kw = dict(teacher_fp=fp, k=cfg.topk, temperature=cfg.temperature, batch_size=batch)
-    if acc.is_main_process:
-        build_or_open(cfg.teacher_cache_dir, blocks, fn, **kw)
-    acc.wait_for_everyone()
-    return build_or_open(cfg.teacher_cache_dir, blocks, fn, build=False, **kw)

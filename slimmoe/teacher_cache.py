@@ -128,3 +128,12 @@ def build_or_open(
     except OSError:  # another builder won the race; its entry is equivalent
         shutil.rmtree(tmp, ignore_errors=True)
     return TeacherTopkCache(final)
+
+
+def open_shared(cache_dir: Path, blocks: torch.Tensor, teacher_logits_fn, *, is_main: bool,
+                barrier: Callable[[], None], **key) -> TeacherTopkCache:
+    """Multi-process :func:`build_or_open`: the main process builds, everyone opens after a barrier."""
+    if is_main:
+        build_or_open(cache_dir, blocks, teacher_logits_fn, **key)
+    barrier()
+    return build_or_open(cache_dir, blocks, teacher_logits_fn, build=False, **key)
