@@ -1,0 +1,122 @@
+"""Every YAML the project ships validates against the real schema, and the deployments in
+deployments/prefect.yaml carry exactly the configs of deployments/configs/ (no drift)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from slimmoe.config import load_yaml
+from slimmoe.pipeline_config import PipelineConfig, load_pipeline_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "deployments" / "configs"
+PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
+COMPRESS = "flows/compress.py:compress"
+TEACHER = "flows/teacher.py:teacher"
+# Not shipped: virtual environments, caches, run outputs (as in .gitignore).
+SKIP_DIRS = {"outputs", "runs", "mlruns", "__pycache__", "tmp", "node_modules"}
+
+
+def shipped_yaml_files() -> list[Path]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(ROOT):
+        dirnames[:] = [d for d in dirnames
+                       if not d.startswith(".") and d not in SKIP_DIRS and not d.endswith(".egg-info")]
+        found += [Path(dirpath) / f for f in filenames if f.endswith((".yaml", ".yml"))]
+    return sorted(found)
+
+
+def deployments() -> list[dict]:
+    return load_yaml(PREFECT_YAML)["deployments"]
+
+
+def compress_deployments() -> dict[str, dict]:
+    return {d["name"]: d for d in deployments() if d["entrypoint"] == COMPRESS}
+
+
+def test_every_shipped_yaml_validates():
+    files = shipped_yaml_files()
+    assert PREFECT_YAML in files and len(list(CONFIGS.glob("*.yaml"))) >= 3, files
+    checked = []
+    for path in files:
+        rel = path.relative_to(ROOT)
+        if path == PREFECT_YAML:
+            for d in deployments():
+                if d["entrypoint"] == COMPRESS:
+                    PipelineConfig.model_validate(d["parameters"]["config"])
+                    checked.append(f"{rel}:compress/{d['name']}")
+        elif path.parent == CONFIGS:
+            load_pipeline_config(path)  # the loader of `slimmoe run`: unknown keys are errors
+            checked.append(str(rel))
+        else:
+            pytest.fail(f"{rel}: a shipped YAML this test does not know how to validate; add it here")
+    assert len(checked) == len(list(CONFIGS.glob("*.yaml"))) + len(compress_deployments())
+
+
+def test_teacher_deployment_parameters_validate():
+    teacher = pytest.importorskip("slimmoe.teacher", reason="the teacher flow is not in this checkout yet")
+    (d,) = [d for d in deployments() if d["entrypoint"] == TEACHER]
+    teacher.TeacherConfig.model_validate(d["parameters"]["config"])
+    assert set(d["parameters"]) <= {"config", "output_dir", "tracking_uri", "experiment"}
+
+
+def test_prefect_yaml_parameters_equal_the_config_files():
+    by_name = compress_deployments()
+    files = {p.stem: p for p in CONFIGS.glob("*.yaml")}
+    assert set(by_name) == set(files), "one compress deployment per deployments/configs/*.yaml, same name"
+    for name, path in files.items():
+        assert by_name[name]["parameters"] == {"config": yaml.safe_load(path.read_text())}, (
+            f"deployments/prefect.yaml compress/{name} differs from {path.relative_to(ROOT)}")
+
+
+def test_deployments_layout():
+    doc = load_yaml(PREFECT_YAML)
+    names = {(d["entrypoint"].split(":")[-1], d["name"]) for d in doc["deployments"]}
+    assert names == {("compress", "demo"), ("compress", "phi-mini-moe"), ("compress", "phi-tiny-moe"),
+                     ("teacher", "demo")}
+    for d in doc["deployments"]:
+        assert d["work_pool"]["name"] == "slimmoe"
+        assert (ROOT / d["entrypoint"].split(":")[0]).parent.is_dir()
+    (step,) = doc["pull"]
+    assert step == {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $SLIMMOE_ROOT }}"}}
+    assert "# schedules:" in PREFECT_YAML.read_text() and "cron:" in PREFECT_YAML.read_text()
+
+
+def test_phi_configs_carry_the_paper_targets():
+    """DESIGN.md: Phi-mini-MoE keeps 8 KV heads at expert width 960; Phi-tiny-MoE has width
+    448 and 4 KV heads (16 query heads x 128)."""
+    mini = load_pipeline_config(CONFIGS / "phi-mini-moe.yaml")
+    assert mini.teacher == "microsoft/Phi-3.5-MoE-instruct"
+    assert mini.stages[-1].expert_intermediate_size == 960
+    assert all(s.num_key_value_heads in (None, 8) for s in mini.stages)  # None keeps the teacher's 8
+    assert all(s.num_experts is None for s in mini.stages)  # slimming, not dropping: 16 experts kept
+    widths = [s.expert_intermediate_size for s in mini.stages]
+    assert widths == sorted(widths, reverse=True) and all(960 <= w < 6400 for w in widths)
+
+    tiny = load_pipeline_config(CONFIGS / "phi-tiny-moe.yaml")
+    assert tiny.teacher == "microsoft/Phi-3.5-MoE-instruct"
+    assert tiny.schedule is not None and not tiny.stages
+    assert tiny.schedule.final.expert_intermediate_size == 448
+    assert tiny.schedule.final.num_key_value_heads == 4
+    assert tiny.schedule.final.num_experts is None
+
+
+def test_phi_tiny_schedule_expands_to_the_target():
+    """The automatic schedule of phi-tiny-moe.yaml against the Phi-3.5-MoE shape (config only,
+    no download): widths shrink stage by stage and the last stage is the paper's shape."""
+    pytest.importorskip("slimmoe.schedule", reason="slimmoe/schedule.py is not in this checkout yet")
+    from transformers import PhimoeConfig
+
+    from slimmoe.pipeline_config import expand_schedule
+
+    phi35 = PhimoeConfig(hidden_size=4096, intermediate_size=6400, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, num_local_experts=16, num_experts_per_tok=2, vocab_size=32064)
+    stages = expand_schedule(load_pipeline_config(CONFIGS / "phi-tiny-moe.yaml"), phi35).stages
+    assert len(stages) == 3 and stages[-1].name == "final"
+    assert stages[-1].expert_intermediate_size == 448 and stages[-1].num_key_value_heads == 4
+    widths = [s.expert_intermediate_size or 6400 for s in stages]
+    assert widths == sorted(widths, reverse=True) and widths[0] < 6400
