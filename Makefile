@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python recipes/prune_tiny.py
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/slimmoe demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
@@ -24,6 +24,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/importance.py
 	$(BIN)/python bench/distill.py
+	$(BIN)/python bench/pipeline.py
 
 clean:
 	rm -rf $(VENV) outputs runs
