@@ -48,7 +48,8 @@ def teacher_topk(
     flat = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
     lps, idxs = [], []
     for s in range(0, flat.shape[0], chunk_size):
-        lp = torch.log_softmax(flat[s : s + chunk_size].float() / temperature, dim=-1)
+        z = flat[s : s + chunk_size].float()
+        lp = torch.log_softmax(z / temperature if temperature != 1.0 else z, dim=-1)
         v, i = lp.topk(k, dim=-1)
         lps.append(v)
         idxs.append(i)
@@ -146,6 +147,83 @@ class _NoGradCtx:
     needs_input_grad = (False,)
 
 
+class _GatheredMean(torch.autograd.Function):
+    """Mean loss that sees the student only through its log-probs at k ids per position.
+
+    ``per_position(l_k [n, k], *others) -> [n]`` is differentiated by autograd on the small
+    [n, k] tensor; the map to the logits is the softmax Jacobian written out,
+    dL/dz = (scatter(g) - softmax(z/T) * sum(g)) / T with g = dL/dl_k, which is streamed
+    into the gradient buffer one chunk at a time (no [n, V] log-softmax is kept or
+    back-propagated through).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, idx, others, mask, per_position, temperature, chunk_size):  # noqa: D401
+        need_grad = ctx.needs_input_grad[0]
+        n = logits.shape[0]
+        denom = max(int(mask.sum()) if mask is not None else n, 1)
+        grad = torch.empty_like(logits) if need_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            z = logits[s:e].float()
+            if temperature != 1.0:
+                z = z / temperature
+            # log_softmax is one fused pass on CPU and GPU (torch.logsumexp is ~7x slower on CPU)
+            lsm = torch.log_softmax(z, dim=-1)
+            del z
+            ik = idx[s:e]
+            l_k = lsm.gather(-1, ik)
+            rest = [o[s:e] for o in others]
+            m = mask[s:e] if mask is not None else None
+            with torch.enable_grad():
+                leaf = l_k.detach().requires_grad_(need_grad)
+                per = per_position(leaf, *rest)
+                if m is not None:
+                    per = torch.where(m, per, torch.zeros_like(per))
+                val = per.sum()
+                if need_grad:
+                    (g,) = torch.autograd.grad(val, leaf)
+            total += val.detach().float()
+            if need_grad:
+                g = g / (denom * temperature)
+                out = grad[s:e]
+                if out.dtype == torch.float32:
+                    torch.exp(lsm, out=out)
+                else:
+                    out.copy_(lsm.exp_())
+                out.mul_(-g.sum(-1, keepdim=True).to(out.dtype))
+                out.scatter_add_(-1, ik, g.to(out.dtype))
+        if need_grad:
+            ctx.save_for_backward(grad)
+        return total / denom
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        scaled = grad if bool(grad_out == 1) else grad * grad_out.to(grad.dtype)
+        return scaled, None, None, None, None, None, None
+
+
+def _gathered_mean(per_position, logits, idx, others, mask, temperature, chunk_size) -> torch.Tensor:
+    """Flatten, validate and dispatch to :class:`_GatheredMean`."""
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    V = logits.shape[-1]
+    flat = logits.reshape(-1, V)
+    idx = idx.reshape(flat.shape[0], -1).to(flat.device)
+    if mask is not None:
+        mask = mask.reshape(-1).to(device=flat.device, dtype=torch.bool)
+        if mask.shape[0] != flat.shape[0]:
+            raise ValueError(f"mask has {mask.shape[0]} positions, logits have {flat.shape[0]}")
+    others = [o.reshape(flat.shape[0], -1).detach() for o in others]
+    if torch.is_grad_enabled() and flat.requires_grad:
+        return _GatheredMean.apply(flat, idx, others, mask, per_position, float(temperature), chunk_size)
+    with torch.no_grad():
+        return _GatheredMean.forward(_NoGradCtx(), flat, idx, others, mask, per_position, float(temperature),
+                                     chunk_size)
+
+
 def kd_topk_loss(
     student_logits: torch.Tensor,
     t_logprobs: torch.Tensor,
@@ -160,11 +238,7 @@ def kd_topk_loss(
     Student: its probabilities on the same k ids plus 1 - their sum. Scaled by T^2.
     Zero when the student equals the teacher.
     """
-    k = t_idx.shape[-1]
-
-    def per_position(s_logits: torch.Tensor, t_lp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        s_lp_all = torch.log_softmax(s_logits.float() / temperature, dim=-1)
-        s_lp = s_lp_all.gather(-1, idx)
+    def per_position(s_lp: torch.Tensor, t_lp: torch.Tensor) -> torch.Tensor:
         t_lp = t_lp.float()
         s_rest = _log1mexp(torch.logsumexp(s_lp, dim=-1))
         t_rest = _log1mexp(torch.logsumexp(t_lp, dim=-1))
@@ -173,14 +247,7 @@ def kd_topk_loss(
         kl_rest = torch.where(p_rest > 0, p_rest * (t_rest - s_rest), torch.zeros_like(p_rest))
         return kl_k + kl_rest
 
-    V = student_logits.shape[-1]
-    loss = _chunked_mean(
-        per_position,
-        student_logits.reshape(-1, V),
-        [t_logprobs.reshape(-1, k), t_idx.reshape(-1, k)],
-        mask,
-        chunk_size,
-    )
+    loss = _gathered_mean(per_position, student_logits, t_idx, [t_logprobs], mask, temperature, chunk_size)
     return loss * temperature**2
 
 
@@ -197,21 +264,10 @@ def kd_topk_renorm_loss(
     q is the student's full-vocabulary softmax at temperature T, so the gradient is
     non-zero even when student == teacher (what Taylor importance needs).
     """
-    k = t_idx.shape[-1]
+    def per_position(s_lp: torch.Tensor, t_lp: torch.Tensor) -> torch.Tensor:
+        return -(torch.softmax(t_lp.float(), dim=-1) * s_lp).sum(-1)
 
-    def per_position(s_logits: torch.Tensor, t_lp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        s_lp = torch.log_softmax(s_logits.float() / temperature, dim=-1).gather(-1, idx)
-        p = torch.softmax(t_lp.float(), dim=-1)
-        return -(p * s_lp).sum(-1)
-
-    V = student_logits.shape[-1]
-    loss = _chunked_mean(
-        per_position,
-        student_logits.reshape(-1, V),
-        [t_logprobs.reshape(-1, k), t_idx.reshape(-1, k)],
-        mask,
-        chunk_size,
-    )
+    loss = _gathered_mean(per_position, student_logits, t_idx, [t_logprobs], mask, temperature, chunk_size)
     return loss * temperature**2
 
 
@@ -246,16 +302,16 @@ def lm_loss(
     ignore_index: int = -100,
 ) -> torch.Tensor:
     """Next-token cross-entropy; labels already shifted. ``ignore_index`` and mask=False are excluded."""
-    V = logits.shape[-1]
     flat_labels = labels.reshape(-1)
     keep = flat_labels != ignore_index
     if mask is not None:
-        keep = keep & mask.reshape(-1).to(torch.bool)
+        keep = keep & mask.reshape(-1).to(device=keep.device, dtype=torch.bool)
+    safe = torch.where(keep, flat_labels, torch.zeros_like(flat_labels))[:, None]
 
-    def per_position(lg: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(lg.float(), lb, reduction="none")
+    def per_position(s_lp: torch.Tensor) -> torch.Tensor:
+        return -s_lp[:, 0]
 
-    return _chunked_mean(per_position, logits.reshape(-1, V), [flat_labels], keep, chunk_size)
+    return _gathered_mean(per_position, logits, safe, [], keep, 1.0, chunk_size)
 
 
 def mixed_loss(kd: torch.Tensor, lm: torch.Tensor, alpha: float) -> torch.Tensor:
