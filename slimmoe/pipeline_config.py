@@ -21,6 +21,13 @@ DEFAULT_STAGE_TOKENS = 1_000_000
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
+def _folder_name(v: str) -> str:
+    """Stage and pipeline names name folders and registered models."""
+    if not _NAME.match(v):
+        raise ValueError("must be letters, digits, '_', '.' or '-'")
+    return v
+
+
 class DataConfig(StrictModel):
     train: str = Field(..., description="text/jsonl/parquet file or folder, or a hub dataset id")
     eval: str | None = Field(None, description="held-out text; default: the last eval_fraction of train")
@@ -61,12 +68,7 @@ class StageConfig(StageSettings):
     num_key_value_heads: int | None = Field(None, gt=0)
     num_experts: int | None = Field(None, gt=0)
 
-    @field_validator("name")
-    @classmethod
-    def _name_is_a_folder_name(cls, v: str) -> str:
-        if not _NAME.match(v):
-            raise ValueError("must be letters, digits, '_', '.' or '-' (it names a folder)")
-        return v
+    _name = field_validator("name")(classmethod(lambda cls, v: _folder_name(v)))
 
     def targets(self) -> SlimTargets:
         return SlimTargets(
@@ -99,12 +101,7 @@ class PipelineConfig(StrictModel):
     tracking: TrackingConfig = TrackingConfig()
     seed: int = 0
 
-    @field_validator("name")
-    @classmethod
-    def _name_ok(cls, v: str) -> str:
-        if not _NAME.match(v):
-            raise ValueError("must be letters, digits, '_', '.' or '-'")
-        return v
+    _name = field_validator("name")(classmethod(lambda cls, v: _folder_name(v)))
 
     @model_validator(mode="after")
     def _stages_or_schedule(self) -> "PipelineConfig":
