@@ -15,14 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 128
 
 
-def tiny_phimoe(seed: int, scale: float | None = None, intermediate_size: int = 64):
+def tiny_phimoe(seed: int, scale: float | None = None, intermediate_size: int = 64, vocab: int = VOCAB):
     """Random phimoe (hidden 32, 2 layers, 4 experts, top-2). ``scale`` widens the init so the
     output distribution is far from uniform (a teacher worth imitating)."""
     torch.manual_seed(seed)
     cfg = AutoConfig.for_model(
         "phimoe", hidden_size=32, intermediate_size=intermediate_size, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-        vocab_size=VOCAB, max_position_embeddings=128,
+        vocab_size=vocab, max_position_embeddings=128,
     )
     model = AutoModelForCausalLM.from_config(cfg)
     if scale is not None:

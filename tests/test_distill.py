@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,3 +118,27 @@ def test_gradient_checkpointing_same_losses_and_aux_loss_counts(tmp_path):
     torch.testing.assert_close(torch.tensor(runs["gc"]), torch.tensor(runs["plain"]), rtol=1e-5, atol=1e-7)
     # load-balancing loss of top-2 of 4 experts is >= 1 (its minimum at perfect balance): 0.5 * it
     assert runs["aux"][0] > runs["plain"][0] + 0.4
+
+
+def test_cli_on_text_data_saves_tokenizer(tmp_path):
+    """--data is tokenised with the teacher's tokenizer, which is saved beside the student."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slimmoe.tokenizer import train_bpe_tokenizer
+
+    root = Path(__file__).resolve().parents[1]
+    text = tmp_path / "corpus.txt"
+    text.write_text((root / "data" / "tinyshakespeare.txt").read_text()[:20000])
+    tok = train_bpe_tokenizer(text, vocab_size=300)
+    vocab = len(tok)
+    t_dir, s_dir = tmp_path / "teacher", tmp_path / "student"
+    tiny_phimoe(0, vocab=vocab).save_pretrained(t_dir)
+    tok.save_pretrained(t_dir)
+    tiny_phimoe(1, vocab=vocab).save_pretrained(s_dir)
+    out = tmp_path / "out"
+    args = _args(s_dir, t_dir, out, "--data", str(text), "--tokens", str(3 * 8 * SEQ), "--seq-len", str(SEQ),
+                 "--eval-fraction", "0.1", "--eval-every", "3")
+    assert cli_distill.run(args) == 0
+    assert AutoTokenizer.from_pretrained(out)("to be").input_ids == tok("to be").input_ids
+    assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size == vocab
+    assert len((out / LOSSES_FILE).read_text().splitlines()) == 3
