@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -66,3 +67,13 @@ def read_losses(out: Path) -> list[dict]:
 
 def load_params(out: Path) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in AutoModelForCausalLM.from_pretrained(out).state_dict().items()}
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine OpenMP
+    barriers make every op wait for descheduled threads (measured 4 ms -> 250 ms per step)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers_distill import VOCAB, load_params, save_pair, tiny_phimoe
+from helpers_distill import (
+    VOCAB,
+    load_params,
+    save_pair,
+    tiny_phimoe,
+    one_torch_thread,  # noqa: F401 - autouse fixture
+)
 from slimmoe import cli_distill
 from slimmoe.data import random_blocks
 from slimmoe.distill import DONE_FILE, LOSSES_FILE, distill, lr_lambda, step_sample_ids

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from helpers_distill import load_params, read_losses, run_cli, save_pair, tiny_phimoe
+from helpers_distill import (
+    load_params,
+    read_losses,
+    run_cli,
+    save_pair,
+    tiny_phimoe,
+    one_torch_thread,  # noqa: F401 - autouse fixture
+)
 
 SEQ = 16
 

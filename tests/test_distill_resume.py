@@ -10,7 +10,17 @@ import time
 import pytest
 import torch
 
-from helpers_distill import VOCAB, cli_cmd, env, load_params, read_losses, run_cli, save_pair, tiny_phimoe
+from helpers_distill import (
+    VOCAB,
+    cli_cmd,
+    env,
+    load_params,
+    read_losses,
+    run_cli,
+    save_pair,
+    tiny_phimoe,
+    one_torch_thread,  # noqa: F401 - autouse fixture
+)
 from slimmoe.data import random_blocks
 from slimmoe.distill import DONE_FILE, distill
 

@@ -6,7 +6,12 @@ import json
 
 import torch
 
-from helpers_distill import VOCAB, load_params, tiny_phimoe
+from helpers_distill import (
+    VOCAB,
+    load_params,
+    tiny_phimoe,
+    one_torch_thread,  # noqa: F401 - autouse fixture
+)
 from slimmoe import losses
 from slimmoe.data import random_blocks
 from slimmoe.distill import distill
