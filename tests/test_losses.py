@@ -221,3 +221,15 @@ def test_gradient_scales_through_mixed_loss(data):
     torch.testing.assert_close(_grad(mixed, s), _grad(parts, s), atol=1e-7, rtol=1e-5)
     g_kd = _grad(lambda x: losses.kd_topk_loss(x, t_lp, t_idx, mask=mask), s)
     torch.testing.assert_close(_grad(lambda x: 2.5 * losses.kd_topk_loss(x, t_lp, t_idx, mask=mask), s), 2.5 * g_kd)
+
+
+def test_bfloat16_logits_give_float32_loss_and_bf16_gradient(data):
+    s, t, mask = data
+    t_lp, t_idx = losses.teacher_topk(t, k=K)
+    x = s.to(torch.bfloat16).requires_grad_(True)
+    loss = losses.kd_topk_loss(x, t_lp, t_idx, mask=mask, chunk_size=4)
+    loss.backward()
+    assert loss.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+    ref = _grad(lambda y: losses.kd_topk_loss(y, t_lp, t_idx, mask=mask), x.detach().float())
+    torch.testing.assert_close(x.grad.float(), ref, atol=2e-4, rtol=2e-2)
+    assert loss.item() == pytest.approx(ref_kd_topk(x.detach().float(), t_lp, t_idx, mask, 1.0), rel=1e-4)
