@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
@@ -254,7 +254,9 @@ def distill(
     s_model.config.use_cache = False
 
     world, rank = acc.num_processes, acc.process_index
-    fsdp = cfg.distributed == "fsdp"
+    fsdp = acc.distributed_type == DistributedType.FSDP
+    if cfg.distributed == "fsdp" and not fsdp and acc.is_main_process:
+        warnings.warn(f"distributed: FSDP is not available here ({acc.distributed_type.value}); using DDP", stacklevel=2)
     micro = cfg.micro_batch_size or max(1, cfg.batch_size // world)
     if cfg.batch_size % (micro * world):
         raise UserError(f"batch_size: {cfg.batch_size} is not a multiple of micro_batch_size {micro} x {world} processes")
