@@ -27,19 +27,6 @@ DOCS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _offline(tmp_path, monkeypatch):
-    import datasets.config
-    import huggingface_hub.constants
-
-    for var, value in (("HF_HOME", tmp_path / "hf"), ("HF_DATASETS_CACHE", tmp_path / "hfds"),
-                       ("SLIMMOE_CACHE", tmp_path / "slimmoe"), ("HF_HUB_OFFLINE", "1"),
-                       ("HF_DATASETS_OFFLINE", "1")):
-        monkeypatch.setenv(var, str(value))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-
-
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     p = tmp_path_factory.mktemp("tok") / "train.txt"
