@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 from slimmoe.errors import UserError
+from slimmoe.loading import has_tokenizer
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -117,7 +117,7 @@ def run(args) -> int:
     if args.seq_len < 2:
         raise UserError(f"--seq-len: must be >= 2, got {args.seq_len}")
 
-    tok_dir = next((d for d in (teacher, student) if d is not None and _has_tokenizer(d)), None)
+    tok_dir = next((d for d in (teacher, student) if d is not None and has_tokenizer(d)), None)
     train, evalb = _load_data(args, tok_dir, vs)
 
     from slimmoe.distill import distill
@@ -138,10 +138,6 @@ def run(args) -> int:
 
 def _looks_local(value: str) -> bool:
     return value.startswith((".", "/", "~")) or Path(value).suffix != "" or "/" not in value
-
-
-def _has_tokenizer(path: Path) -> bool:
-    return any((path / f).is_file() for f in TOKENIZER_FILES)
 
 
 def _load_data(args, tok_dir: Path | None, vocab_size: int):

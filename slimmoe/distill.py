@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 from accelerate import Accelerator, DistributedType
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
 from slimmoe import losses
 from slimmoe.checkpoints import (
@@ -32,6 +32,7 @@ from slimmoe.checkpoints import (
 )
 from slimmoe.config import DistillConfig
 from slimmoe.errors import UserError
+from slimmoe.loading import load_model
 from slimmoe.teacher_cache import fingerprint_model, open_shared
 
 DONE_FILE = "distill_done.json"
@@ -55,14 +56,6 @@ class DistillResult:
     initial_eval: dict[str, float] | None = None
     final_eval: dict[str, float] | None = None
     already_done: bool = False
-
-
-def load_model(src: str | Path | PreTrainedModel, dtype: torch.dtype | None = None, **kw: Any) -> PreTrainedModel:
-    if isinstance(src, PreTrainedModel):
-        return src
-    if not Path(src).exists():
-        raise UserError(f"{src}: no such model folder")
-    return AutoModelForCausalLM.from_pretrained(str(src), dtype=dtype, **kw)
 
 
 def set_experts_implementation(model: PreTrainedModel, impl: str, device_type: str) -> str | None:
@@ -239,9 +232,9 @@ def distill(
         return DistillResult(**{**doc, "already_done": True})
     acc = _make_accelerator(cfg)
     dev_type = acc.device.type
-    s_model = load_model(student, dtype=torch.float32)
+    s_model = load_model(student, "STUDENT", dtype=torch.float32)
     t_kw = {"device_map": cfg.teacher_device_map} if cfg.teacher_device_map else {}
-    t_model = load_model(teacher, **t_kw) if teacher is not None else None
+    t_model = load_model(teacher, "TEACHER", **t_kw) if teacher is not None else None
     _validate(s_model, t_model, train_blocks, eval_blocks, cfg)
     set_experts_implementation(s_model, cfg.experts_implementation, dev_type)
     if t_model is not None:

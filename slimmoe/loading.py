@@ -25,12 +25,24 @@ def load_config(path: str, field: str = "MODEL"):
         raise UserError(f"{field}: cannot load a config from {path} ({str(e).splitlines()[0][:200]})") from None
 
 
-def load_model(path: str, field: str = "MODEL", dtype="auto", device: str | None = None):
-    from transformers import AutoModelForCausalLM
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt")
 
+
+def load_model(path, field: str = "MODEL", dtype="auto", device: str | None = None, **kwargs):
+    """A causal LM from a folder or hub id (a model object passes through), in eval mode.
+
+    ``dtype="auto"`` keeps the stored dtype; ``kwargs`` go to ``from_pretrained``
+    (e.g. ``device_map``).
+    """
+    from transformers import AutoModelForCausalLM, PreTrainedModel
+
+    if isinstance(path, PreTrainedModel):
+        return path
+    path = str(path)
     load_config(path, field)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except Exception as e:
         raise UserError(f"{field}: cannot load the model in {path} ({str(e).splitlines()[0][:200]})") from None
     if device:
@@ -38,8 +50,12 @@ def load_model(path: str, field: str = "MODEL", dtype="auto", device: str | None
     return model.eval()
 
 
+def has_tokenizer(path) -> bool:
+    return any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
+
+
 def load_tokenizer(path: str):
-    """The checkpoint's tokenizer, or None (with a warning) when it has none."""
+    """The checkpoint's tokenizer, or None when it has none."""
     from transformers import AutoTokenizer
 
     try:

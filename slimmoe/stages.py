@@ -20,13 +20,12 @@ from slimmoe.config import DistillConfig, ImportanceConfig, SlimTargets
 from slimmoe.data import data_fingerprint, load_blocks
 from slimmoe.evaluate import parameter_counts, perplexity, tokens_per_second
 from slimmoe.importance import ImportanceScores, estimate_importance, wanted_for
-from slimmoe.loading import load_model, load_tokenizer
+from slimmoe.loading import TOKENIZER_FILES, load_model, load_tokenizer
 from slimmoe.plan import PLAN_FILE, SlimPlan, build_plan
 from slimmoe.slim import apply_plan, save_slimmed
 
 INPUTS_FILE = "distill_inputs.json"  # what the run in a distill folder was started from
 _BIG = 64 << 20  # files larger than this are fingerprinted by size + head + tail
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt")
 
 
 def folder_fingerprint(path: str | Path) -> str:
