@@ -192,6 +192,15 @@ class Tracker:
             self.client.log_batch(run_id, metrics=chunk)
         return len(items)
 
+    def log_metric_rows(self, run_id: str, rows: list[tuple[int, Mapping[str, Any]]]) -> int:
+        """Many steps' metrics in as few batched calls as possible (one call costs ~10-20 ms on sqlite)."""
+        ts = int(time.time() * 1000)
+        items = [Metric(_key(k), x, ts, int(step)) for step, metrics in rows for k, v in metrics.items()
+                 if (x := _as_float(v)) is not None]
+        for chunk in _chunks(items, METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=chunk)
+        return len(items)
+
     def log_dataset(self, run_id: str, name: str, source: str, digest: str, num_blocks: int,
                     seq_len: int, context: str) -> None:
         """A dataset input; MLflow keeps only 36 digest chars, the full one is in the profile."""
