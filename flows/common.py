@@ -49,6 +49,15 @@ def pipeline_tasks(output_dir: Path, refresh: bool = False) -> SimpleNamespace:
     return SimpleNamespace(fingerprint=fingerprint, **bound)
 
 
+def rerun_if_missing(task, *paths: str):
+    """The task, recomputing instead of using its cache when a file its result names is gone.
+
+    A cached result is a record that points at files; deleting a stage folder (but not
+    ``.prefect-cache``) must not hand a missing path to the next step.
+    """
+    return task.with_options(refresh_cache=True) if any(not Path(p).exists() for p in paths) else task
+
+
 @dataclass
 class StageOutputs:
     """Where a stage writes: ``<output_dir>/<stage>/{importance.pt, pruned/, model/}``."""

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.common import StageOutputs, pipeline_tasks, resolve_pipeline, stage_row, teacher_row
-from slimmoe.pipeline_config import PipelineConfig
+from flows.common import StageOutputs, pipeline_tasks, rerun_if_missing, resolve_pipeline, stage_row, teacher_row
+from slimmoe.pipeline_config import PipelineConfig, StageConfig
 
 
 @flow(name="compress", log_prints=True)
@@ -25,20 +25,31 @@ def compress(config: PipelineConfig) -> dict:
     teacher = t.fingerprint(cfg.teacher)
     blocks = t.prepare_data(cfg.data.model_dump(), cfg.teacher, str(out / "data"))
     parent = t.start_pipeline_run(cfg.model_dump(mode="json"), teacher, blocks, tracking)
-    rows = [teacher_row(cfg.teacher, t.evaluate("teacher", teacher, blocks, cfg.stages[0].eval.model_dump(), tracking, parent), parent)]
+    teacher_metrics = t.evaluate("teacher", teacher, blocks, cfg.stages[0].eval.model_dump(), tracking, parent)
+    rows = [teacher_row(cfg.teacher, teacher_metrics, parent)]
 
     current = {**teacher, "version": None}
     for stage in cfg.stages:
-        s = StageOutputs(out, stage.name)
-        run = t.start_stage_run(parent, stage.model_dump(mode="json"), current, teacher, blocks, tracking)
-        scores = t.importance(stage.name, current, None if current["path"] == teacher["path"] else teacher, blocks,
-                              stage.importance.model_dump(), stage.targets().model_dump(), s.scores, tracking, run)
-        small = t.slim(stage.name, current, scores, stage.targets().model_dump(), stage.importance.model_dump(), s.pruned, tracking, run)
-        student = (t.distill(stage.name, small, teacher, blocks, stage.distill.model_dump(mode="json"), s.model, tracking, run)
-                   if stage.distill else small)
-        metrics = t.evaluate(stage.name, student, blocks, stage.eval.model_dump(), tracking, run)
-        version = t.register_stage_model(cfg.name, stage.name, student, current, tracking, run)
-        rows.append(stage_row(stage.name, small, student, scores, metrics, run, version))
-        current = {**student, "version": version}
+        row, current = compress_stage(t, cfg.name, stage, current, teacher, blocks, tracking, parent, StageOutputs(out, stage.name))
+        rows.append(row)
 
     return t.summarize(cfg.model_dump(mode="json"), rows, tracking, parent)
+
+
+def compress_stage(t, pipeline: str, stage: StageConfig, current: dict, teacher: dict, blocks: dict, tracking: dict,
+                   parent: str, s: StageOutputs) -> tuple[dict, dict]:
+    """importance -> slim -> distill -> evaluate -> register, for one stage; returns its summary row and model."""
+    run = t.start_stage_run(parent, stage.model_dump(mode="json"), current, teacher, blocks, tracking)
+    targets, importance = stage.targets().model_dump(), stage.importance.model_dump()
+    kd_teacher = None if current["path"] == teacher["path"] else teacher  # stage 1: the model is its own teacher
+
+    scores = rerun_if_missing(t.importance, s.scores)(stage.name, current, kd_teacher, blocks, importance, targets,
+                                                      s.scores, tracking, run)
+    small = rerun_if_missing(t.slim, s.pruned)(stage.name, current, scores, targets, importance, s.pruned, tracking, run)
+    student = small
+    if stage.distill:
+        student = rerun_if_missing(t.distill, s.model)(stage.name, small, teacher, blocks,
+                                                       stage.distill.model_dump(mode="json"), s.model, tracking, run)
+    metrics = t.evaluate(stage.name, student, blocks, stage.eval.model_dump(), tracking, run)
+    version = t.register_stage_model(pipeline, stage.name, student, current, tracking, run)
+    return stage_row(stage.name, small, student, scores, metrics, run, version), {**student, "version": version}

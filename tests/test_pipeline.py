@@ -143,3 +143,15 @@ def test_changing_stage_two_recomputes_only_stage_two(pipeline):
         assert states[name] == "Completed", (name, states[name])
     final = AutoModelForCausalLM.from_pretrained(root / "out" / "final" / "model")
     assert final.config.intermediate_size == 4
+
+
+def test_a_deleted_stage_output_is_rebuilt_not_served_from_cache(pipeline):
+    import shutil
+
+    root, path, _ = pipeline
+    shutil.rmtree(root / "out" / "final" / "model")
+    run(path, "stages.1.expert_intermediate_size=4")
+    states = last_task_states()
+    assert states["distill-mid"] == "Cached" and states["slim-final"] == "Cached"
+    assert states["distill-final"] == "Completed"
+    assert AutoModelForCausalLM.from_pretrained(root / "out" / "final" / "model").config.intermediate_size == 4
