@@ -79,7 +79,8 @@ class StageOutputs:
 
 
 def teacher_row(path: str, metrics: dict, run_id: str) -> dict:
-    sizes = source_sizes(get_adapter(load_config(path, "teacher")), load_config(path, "teacher"))
+    config = load_config(path, "teacher")
+    sizes = source_sizes(get_adapter(config), config)
     return {"stage": "teacher", "model": path, **_sizes(sizes), **_metrics(metrics), "tokens": 0,
             "calibration_tokens": 0, "mlflow_run_id": run_id, "model_version": None}
 

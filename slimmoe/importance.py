@@ -110,10 +110,7 @@ class _Scorer:
         store = getattr(self.signed, kind)
         if i not in store:
             raise KeyError((kind, i))
-        if start or value.shape != store[i].shape:
-            store[i][start : start + value.shape[0]] += value.cpu()
-        else:
-            store[i] += value.cpu()
+        store[i][start : start + value.shape[0]] += value.cpu()
 
     def add_taylor_hooks(self, need_neurons: bool, need_experts: bool, need_kv: bool) -> None:
         for b in self.blocks if (need_neurons or need_experts) else []:
