@@ -60,7 +60,8 @@ def rerun_if_missing(task, *paths: str):
 
 @dataclass
 class StageOutputs:
-    """Where a stage writes: ``<output_dir>/<stage>/{importance.pt, pruned/, model/}``."""
+    """Where a stage writes: ``<output_dir>/<stage>/{importance.pt, pruned/, model/}``
+    (a stage without distillation slims straight into ``model/``)."""
 
     root: Path
     stage: str

@@ -45,7 +45,8 @@ def compress_stage(t, pipeline: str, stage: StageConfig, current: dict, teacher:
 
     scores = rerun_if_missing(t.importance, s.scores)(stage.name, current, kd_teacher, blocks, importance, targets,
                                                       s.scores, tracking, run)
-    small = rerun_if_missing(t.slim, s.pruned)(stage.name, current, scores, targets, importance, s.pruned, tracking, run)
+    pruned = s.pruned if stage.distill else s.model  # a prune-only stage's result is its model
+    small = rerun_if_missing(t.slim, pruned)(stage.name, current, scores, targets, importance, pruned, tracking, run)
     student = small
     if stage.distill:
         student = rerun_if_missing(t.distill, s.model)(stage.name, small, teacher, blocks,

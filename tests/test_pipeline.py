@@ -155,3 +155,16 @@ def test_a_deleted_stage_output_is_rebuilt_not_served_from_cache(pipeline):
     assert states["distill-mid"] == "Cached" and states["slim-final"] == "Cached"
     assert states["distill-final"] == "Completed"
     assert AutoModelForCausalLM.from_pretrained(root / "out" / "final" / "model").config.intermediate_size == 4
+
+
+def test_prune_only_stage_writes_its_model_folder(pipeline):
+    root, _, config = pipeline
+    cfg = {**config, "output_dir": str(root / "prune-only"),
+           "stages": [{"name": "only", "expert_intermediate_size": 8, "importance": {"samples": 4}, "distill": None}]}
+    path = root / "prune-only.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run(path)
+    model = AutoModelForCausalLM.from_pretrained(root / "prune-only" / "only" / "model")
+    assert model.config.intermediate_size == 8
+    summary = json.loads((root / "prune-only" / "summary.json").read_text())
+    assert summary["stages"][-1]["tokens"] == 0 and summary["stages"][-1]["model"].endswith("only/model")
