@@ -149,11 +149,25 @@ def expand_schedule(cfg: PipelineConfig, teacher_config) -> PipelineConfig:
 
 
 def check_inputs(cfg: PipelineConfig) -> None:
-    """Fail fast, before any flow starts, on a missing teacher folder or data file."""
+    """Fail fast, before any flow starts: a missing teacher or data file, a dense teacher, or a
+    stage whose targets its predecessor cannot be cut to (larger, bad KV count, unsupported)."""
+    import copy
+
+    from slimmoe.arch import get_adapter
     from slimmoe.errors import UserError
     from slimmoe.loading import load_config
+    from slimmoe.plan import resolve_targets
 
-    load_config(cfg.teacher, "teacher")
+    teacher = load_config(cfg.teacher, "teacher")
+    adapter = get_adapter(teacher)
     for field_name, value in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
         if value and not Path(value).exists() and (Path(value).suffix or value.startswith((".", "/", "~"))):
             raise UserError(f"{field_name}: no such file or folder: {value}")
+    current = copy.deepcopy(teacher)
+    for i, stage in enumerate(expand_schedule(cfg, teacher).stages):
+        try:
+            t = resolve_targets(adapter, current, stage.targets())
+        except UserError as e:
+            raise UserError(f"stages.{i}.{e}") from None
+        adapter.update_config(current, expert_size=t["expert_intermediate_size"], num_experts=t["num_experts"],
+                              kv_heads=t["num_key_value_heads"], shared_size=t["shared_intermediate_size"])

@@ -70,3 +70,20 @@ def test_schedule_expands_to_named_stages_ending_at_final():
     assert out.stages[-1].targets() == SlimTargets(expert_intermediate_size=4, num_key_value_heads=1)
     widths = [s.expert_intermediate_size for s in out.stages]
     assert widths == sorted(widths, reverse=True) and widths[0] < 16
+
+
+@pytest.mark.parametrize("stages,needle", [
+    ([{"name": "a", "expert_intermediate_size": 8}, {"name": "b", "expert_intermediate_size": 12}],
+     "stages.1.expert_intermediate_size: target 12 is larger than the source's 8"),
+    ([{"name": "a", "num_key_value_heads": 3}], "stages.0.num_key_value_heads"),
+    ([{"name": "a", "num_experts": 9}], "stages.0.num_experts"),
+])
+def test_impossible_stage_targets_fail_before_any_flow(tmp_path, capsys, stages, needle):
+    tiny_config("mixtral").save_pretrained(tmp_path / "t")
+    (tmp_path / "d.txt").write_text("text")
+    path = write(tmp_path, {**BASE, "teacher": str(tmp_path / "t"), "data": {"train": str(tmp_path / "d.txt")},
+                            "output_dir": str(tmp_path / "o"), "stages": stages})
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and needle in err, err
+    assert not (tmp_path / "o").exists()  # no flow started, nothing written
