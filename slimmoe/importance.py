@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from slimmoe import losses
 from slimmoe.arch import MoEAdapter, MoEBlock, get_adapter
+from slimmoe.checkpoints import atomic_torch_save
 from slimmoe.config import ImportanceConfig
 from slimmoe.errors import UserError
 
@@ -43,7 +44,7 @@ class ImportanceScores:
 
     def save(self, path: str | Path) -> None:
         flat = {f"{kind}.{i}": t for kind in ("neurons", "shared", "kv_groups", "experts") for i, t in getattr(self, kind).items()}
-        torch.save({"scores": flat, "meta": self.meta}, path)
+        atomic_torch_save({"scores": flat, "meta": self.meta}, Path(path))
 
     @classmethod
     def load(cls, path: str | Path) -> "ImportanceScores":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -44,10 +43,10 @@ class SlimPlan:
 
     def save(self, folder: str | Path) -> Path:
         """Write ``folder/slim_plan.json`` atomically."""
+        from slimmoe.checkpoints import atomic_write_text
+
         path = Path(folder) / PLAN_FILE
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(self.to_json())
-        os.replace(tmp, path)
+        atomic_write_text(path, self.to_json())
         return path
 
     @classmethod

@@ -8,7 +8,6 @@ second full copy of the weights is allocated.
 from __future__ import annotations
 
 import copy
-import shutil
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ import torch.nn as nn
 from transformers import AutoModelForCausalLM
 
 from slimmoe.arch import MoEAdapter, get_adapter
+from slimmoe.checkpoints import replace_folder
 from slimmoe.errors import UserError
 from slimmoe.plan import LayerPlan, SlimPlan
 
@@ -180,20 +180,11 @@ def save_slimmed(model: nn.Module, plan: SlimPlan, out: str | Path, tokenizer=No
     ``extra`` maps file names to writers (``writer(path)``) for side files such as scores.
     An interrupted save leaves ``out`` as it was.
     """
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp-slim")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    for name, write in (extra or {}).items():
-        write(tmp / name)
-    plan.save(tmp)
-    old = out.with_name(out.name + ".old-slim")
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-    return out
+    with replace_folder(Path(out)) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, write in (extra or {}).items():
+            write(tmp / name)
+        plan.save(tmp)
+    return Path(out)

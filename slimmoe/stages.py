@@ -18,7 +18,7 @@ from slimmoe.arch import get_adapter
 from slimmoe.checkpoints import atomic_torch_save, atomic_write_text
 from slimmoe.config import DistillConfig, ImportanceConfig, SlimTargets
 from slimmoe.data import data_fingerprint, load_blocks
-from slimmoe.evaluate import parameter_counts, perplexity, tokens_per_second
+from slimmoe.evaluate import evaluate, parameter_counts
 from slimmoe.importance import ImportanceScores, estimate_importance, wanted_for
 from slimmoe.loading import TOKENIZER_FILES, load_model, load_tokenizer
 from slimmoe.plan import PLAN_FILE, SlimPlan, build_plan
@@ -92,9 +92,7 @@ def score(model_dir: str, teacher_dir: str | None, blocks_path: str, cfg: Import
     scores = estimate_importance(model, train, cfg, teacher=teacher, want=want, progress=progress)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_suffix(".tmp")
-    scores.save(tmp)
-    tmp.replace(out_path)
+    scores.save(out_path)
     return {"path": str(out_path), "fingerprint": hashlib.sha256(out_path.read_bytes()).hexdigest()[:24],
             "calibration_tokens": int(train[: cfg.samples].numel())}
 
@@ -146,8 +144,7 @@ def evaluate_stage(model_dir: str, blocks_path: str, max_blocks: int = 64, batch
     train, held = load_prepared(blocks_path)
     split = "eval" if held.numel() else "train"
     blocks = (held if held.numel() else train)[:max_blocks]
-    return {"perplexity": perplexity(model, blocks, batch_size), **parameter_counts(model),
-            "tokens_per_second": tokens_per_second(model, blocks[:batch_size]), "perplexity_split": split}
+    return {**evaluate(model, blocks, batch_size), "perplexity_split": split}
 
 
 def plan_of(model_dir: str | Path) -> SlimPlan | None:

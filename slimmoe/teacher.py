@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from pydantic import Field, model_validator
 from transformers import AutoModelForCausalLM, PhimoeConfig
 
+from slimmoe.checkpoints import replace_folder
 from slimmoe.config import DistillConfig, StrictModel
 from slimmoe.errors import UserError
 from slimmoe.tokenizer import EOS_TOKEN, MIN_VOCAB_SIZE, PAD_TOKEN, SPECIAL_TOKENS
@@ -211,17 +211,7 @@ def _check_corpus(corpus: Path) -> Path:
 
 def _publish(out: Path, model, tokenizer, doc: dict) -> None:
     """Write model, tokenizer and (last) the marker into a temp folder, then swap it into ``out``."""
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    (tmp / MARKER_FILE).write_text(json.dumps(doc, indent=1))
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    with replace_folder(out) as tmp:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / MARKER_FILE).write_text(json.dumps(doc, indent=1))
