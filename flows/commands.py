@@ -87,3 +87,42 @@ def format_summary(summary: dict) -> str:
         lines.append(f"{r['stage']:10s}{r['expert_intermediate_size']:>7}{r['num_key_value_heads']:>4}{r['num_experts']:>8}"
                      f"{r['total_params']:>12,}{r['active_params']:>12,}{r['perplexity']:>9.2f}{r['tokens']:>10,}")
     return "\n".join(lines)
+
+
+def add_ablate(sub) -> None:
+    p = sub.add_parser("ablate", help="compare compression strategies side by side (ablation flow)",
+                       description="Run the ablation flow: one-shot slim, multi-stage slim, one-shot drop, slim+drop "
+                                   "and a from-scratch baseline on one teacher, data set and token budget, over seeds. "
+                                   "Writes <output_dir>/report.md, report.json and plots.")
+    p.add_argument("config", metavar="CONFIG.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override any config field, e.g. --set tokens=100000 --set seeds=[0]")
+    p.set_defaults(func=ablate)
+
+
+def ablate(args) -> int:
+    from slimmoe.ablation_config import check_ablation_inputs, load_ablation_config
+
+    try:
+        cfg = load_ablation_config(args.config, args.overrides)
+    except ValueError as e:
+        if hasattr(e, "errors"):  # pydantic ValidationError
+            raise
+        raise UserError(str(e)) from None
+    check_ablation_inputs(cfg)
+    _quiet_prefect()
+    from flows.ablation import ablation
+
+    result = ablation(cfg)
+    print(format_ablation(result["arms"]))
+    print(f"\nreport: {Path(cfg.output_dir) / 'report.md'}")
+    return 0
+
+
+def format_ablation(arms: list[dict]) -> str:
+    head = f"{'arm':18s}{'total':>12s}{'active':>12s}{'ppl mean':>10s}{'± std':>8s}{'ppl/teacher':>13s}{'± std':>8s}"
+    lines = [head, "-" * len(head)]
+    for r in arms:
+        lines.append(f"{r['arm']:18s}{r['total_params']:>12,}{r['active_params']:>12,}{r['perplexity_mean']:>10.3f}"
+                     f"{r['perplexity_std']:>8.3f}{r['ratio_mean']:>13.4f}{r['ratio_std']:>8.4f}")
+    return "\n".join(lines)

@@ -37,14 +37,17 @@ def compress(config: PipelineConfig) -> dict:
 
 
 def compress_stage(t, pipeline: str, stage: StageConfig, current: dict, teacher: dict, blocks: dict, tracking: dict,
-                   parent: str, s: StageOutputs) -> tuple[dict, dict]:
-    """importance -> slim -> distill -> evaluate -> register, for one stage; returns its summary row and model."""
+                   parent: str, s: StageOutputs, scores: dict | None = None) -> tuple[dict, dict]:
+    """importance -> slim -> distill -> evaluate -> register, for one stage; returns its summary row and model.
+
+    ``scores`` given (an importance result computed once for several callers) skips the importance step."""
     run = t.start_stage_run(parent, stage.model_dump(mode="json"), current, teacher, blocks, tracking)
     targets, importance = stage.targets().model_dump(), stage.importance.model_dump()
     kd_teacher = None if current["path"] == teacher["path"] else teacher  # stage 1: the model is its own teacher
 
-    scores = rerun_if_missing(t.importance, s.scores)(stage.name, current, kd_teacher, blocks, importance, targets,
-                                                      s.scores, tracking, run)
+    if scores is None:
+        scores = rerun_if_missing(t.importance, s.scores)(stage.name, current, kd_teacher, blocks, importance, targets,
+                                                          s.scores, tracking, run)
     pruned = s.pruned if stage.distill else s.model  # a prune-only stage's result is its model
     small = rerun_if_missing(t.slim, pruned)(stage.name, current, scores, targets, importance, pruned, tracking, run)
     student = small

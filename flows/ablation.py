@@ -1,0 +1,154 @@
+"""The ablation flow: compression strategies side by side on one teacher, one data set and
+one token budget, over several seeds.
+
+    slimmoe ablate deployments/configs/ablation-demo.yaml
+
+Each arm x seed is a subflow running the compress flow's stage steps (``compress_stage``).
+What two arms or two seeds have in common is computed once and found in the task cache
+by the others: the data, the teacher's evaluation, one importance pass on the teacher
+(it scores every structure kind any arm cuts first), the first slimming of each arm
+(deterministic, shared by all seeds), and the teacher's top-k outputs (one folder under
+``<output_dir>/shared``). The seed changes distillation (data order) and the scratch init.
+
+Outputs: ``<output_dir>/arms/<arm>/...`` (models), ``report.md``, ``report.json`` and two
+PNGs in ``<output_dir>``; MLflow: one parent run, a nested run per arm and seed (tags
+``arm``, ``seed``), stage runs nested under those.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import flow
+
+from flows.common import pipeline_tasks, rerun_if_missing
+from flows.compress import compress_stage
+from slimmoe.ablation_config import AblationConfig, check_ablation_inputs, scoring_targets
+from slimmoe.loading import load_config
+from slimmoe.pipeline_config import StageConfig
+from slimmoe.report import read_curve
+from tasks import report as rt
+from tasks.caching import bind_cache
+
+
+@dataclass
+class ArmOutputs:
+    """Where a stage of an arm writes. The first stage's pruned model depends on neither
+    the seed nor the arm's later stages, so every seed shares it (and its cache entry)."""
+
+    root: Path
+    arm: str
+    seed: int
+    stage: str
+    shared_pruned: bool
+
+    @property
+    def scores(self) -> str:
+        return str(self.root / "arms" / self.arm / f"seed{self.seed}" / self.stage / "importance.pt")
+
+    @property
+    def pruned(self) -> str:
+        if self.shared_pruned:
+            return str(self.root / "arms" / self.arm / "shared" / self.stage / "pruned")
+        return str(self.root / "arms" / self.arm / f"seed{self.seed}" / self.stage / "pruned")
+
+    @property
+    def model(self) -> str:
+        return str(self.root / "arms" / self.arm / f"seed{self.seed}" / self.stage / "model")
+
+
+@flow(name="ablation", log_prints=True)
+def ablation(config: AblationConfig) -> dict:
+    cfg = config
+    out = Path(cfg.output_dir)
+    arms = check_ablation_inputs(cfg)
+    teacher_cfg = load_config(cfg.teacher, "teacher")
+    tracking = {"uri": cfg.tracking_uri(), "experiment": cfg.tracking.experiment,
+                "artifact_location": (out.resolve() / "mlartifacts").as_uri(), "register_models": cfg.tracking.register_models}
+    for arm, stages in arms.items():
+        sizes = ", ".join(f"{s.name.split('.', 1)[1]}: {s.targets().model_dump(exclude_none=True)} "
+                          f"({s.distill.tokens:,} tokens)" for s in stages)
+        print(f"arm {arm}: {sizes}")
+    t = pipeline_tasks(out)
+
+    teacher = t.fingerprint(cfg.teacher)
+    blocks = t.prepare_data(cfg.data.model_dump(), cfg.teacher, str(out / "data"))
+    parent = rt.start_ablation_run(cfg.model_dump(mode="json"), teacher, blocks, tracking)
+    teacher_metrics = t.evaluate("teacher", teacher, blocks, cfg.eval.model_dump(), tracking, parent)
+    scores = rerun_if_missing(t.importance, str(out / "shared" / "importance.pt"))(
+        "teacher", teacher, None, blocks, cfg.importance.model_dump(), scoring_targets(arms, teacher_cfg).model_dump(),
+        str(out / "shared" / "importance.pt"), tracking, parent)
+
+    # the scratch arm's shape is the one-shot-slim model's: the same slim step (same name, same inputs)
+    shape = arms["scratch"][0].model_copy(update={"name": "one-shot-slim.final"}) if "scratch" in arms else None
+    runs = []
+    for seed in cfg.seeds:
+        for arm, stages in arms.items():
+            runs.append(ablation_arm.with_options(flow_run_name=f"{arm}-seed{seed}")(
+                cfg.name, str(out), arm, seed, [s.model_dump(mode="json") for s in stages],
+                shape.model_dump(mode="json") if arm == "scratch" else None,
+                teacher, blocks, scores, teacher_metrics["perplexity"], tracking, parent))
+
+    meta = {"name": cfg.name, "teacher": cfg.teacher, "data": cfg.data.train, "target": cfg.target.model_dump(exclude_none=True),
+            "tokens per arm": f"{cfg.tokens:,}", "multi-stage stages": cfg.num_stages, "seeds": cfg.seeds,
+            "distillation loss": cfg.distill.loss}
+    teacher_row = {k: teacher_metrics[k] for k in ("perplexity", "total_params", "active_params")}
+    return rt.publish_report(str(out), runs, teacher_row, meta, tracking, parent)
+
+
+@flow(name="ablation-arm", log_prints=True)
+def ablation_arm(name: str, output_dir: str, arm: str, seed: int, stages: list[dict], shape_stage: dict | None,
+                 teacher: dict, blocks: dict, scores: dict, teacher_ppl: float, tracking: dict, parent: str) -> dict:
+    """One arm at one seed: its stages in order (the scratch arm: init, then train)."""
+    out = Path(output_dir)
+    t = pipeline_tasks(out)
+    stage_cfgs = [_seeded(StageConfig(**s), seed) for s in stages]
+    run = rt.start_arm_run(parent, name, arm, seed, [s.model_dump(mode="json") for s in stage_cfgs], teacher, blocks,
+                           tracking)
+    current = {**teacher, "version": None}
+    if arm == "scratch":
+        row, current = _scratch(t, StageConfig(**shape_stage), stage_cfgs[0], seed, teacher, blocks, scores, tracking,
+                                run, out)
+        rows = [row]
+    else:
+        rows = []
+        for i, stage in enumerate(stage_cfgs):
+            s = ArmOutputs(out, arm, seed, stage.name, shared_pruned=i == 0)
+            row, current = compress_stage(t, f"{name}-{arm}", stage, current, teacher, blocks, tracking, run, s,
+                                          scores=scores if i == 0 else None)
+            rows.append(row)
+    final = rows[-1]
+    result = {"arm": arm, "seed": seed, "perplexity": final["perplexity"], "total_params": final["total_params"],
+              "active_params": final["active_params"], "tokens": sum(r["tokens"] for r in rows),
+              "loss": stage_cfgs[-1].distill.loss, "model": final["model"], "mlflow_run_id": run,
+              "curve": read_curve([Path(r["model"]) / "losses.jsonl" for r in rows]),
+              "stages": [{k: r[k] for k in ("stage", "expert_intermediate_size", "num_experts", "num_key_value_heads",
+                                            "total_params", "active_params", "perplexity", "tokens")} for r in rows]}
+    rt.finish_arm_run(arm, seed, {k: result[k] for k in ("perplexity", "total_params", "active_params", "tokens")},
+                      teacher_ppl, tracking, run)
+    return result
+
+
+def _seeded(stage: StageConfig, seed: int) -> StageConfig:
+    return stage.model_copy(update={"distill": stage.distill.model_copy(update={"seed": seed})})
+
+
+def _scratch(t, shape: StageConfig, stage: StageConfig, seed: int, teacher: dict, blocks: dict, scores: dict,
+             tracking: dict, arm_run: str, out: Path) -> tuple[dict, dict]:
+    """The one-shot-slim shape (its slim step, shared through the cache), fresh weights, LM training."""
+    from flows.common import stage_row
+
+    pruned = ArmOutputs(out, "one-shot-slim", seed, shape.name, shared_pruned=True).pruned
+    small = rerun_if_missing(t.slim, pruned)(shape.name, {**teacher, "version": None}, scores,
+                                             shape.targets().model_dump(), shape.importance.model_dump(), pruned,
+                                             tracking, arm_run)
+    s = ArmOutputs(out, "scratch", seed, stage.name, shared_pruned=False)
+    init_dir = str(Path(s.model).with_name("init"))
+    init = rerun_if_missing(bind_cache(rt.scratch_init, out), init_dir)(small, seed, init_dir)
+    run = t.start_stage_run(arm_run, stage.model_dump(mode="json"), init, teacher, blocks, tracking)
+    student = rerun_if_missing(t.distill, s.model)(stage.name, init, teacher, blocks,
+                                                   stage.distill.model_dump(mode="json"), s.model, tracking, run)
+    metrics = t.evaluate(stage.name, student, blocks, stage.eval.model_dump(), tracking, run)
+    t.register_stage_model("scratch", stage.name, student, init, tracking.copy() | {"register_models": False}, run)
+    return stage_row(stage.name, small, student, {}, metrics, run, None), student
