@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -60,15 +60,91 @@ class StageSettings(StrictModel):
         return v
 
 
+Strategy = Literal["slim", "drop", "slim+drop"]
+DROP_STRATEGIES = ("drop", "slim+drop")
+DROP_EXPERT_SCORES = ("frequency", "reap")
+
+
+def _param_count(v: Any) -> Any:
+    """Accept 3800000000, 3.8e9, "3.8e9", "3.8B", "500M", "120K" as a parameter count."""
+    if isinstance(v, str):
+        s = v.strip().replace("_", "").upper()
+        scale = {"K": 1e3, "M": 1e6, "B": 1e9}.get(s[-1:], 1)
+        try:
+            v = float(s[:-1] if scale != 1 else s) * scale
+        except ValueError:
+            raise ValueError(f"expected a parameter count like 3800000000, 3.8e9 or 3.8B, got {v!r}") from None
+    if isinstance(v, float):
+        if not v.is_integer() and v < 1e3:
+            raise ValueError(f"expected a whole number of parameters, got {v!r}")
+        v = int(round(v))
+    return v
+
+
 class StageConfig(StageSettings):
-    """One stage: prune one-shot to these sizes, then distil from the original teacher."""
+    """One stage: prune one-shot to these sizes, then distil from the original teacher.
+
+    Either explicit sizes or a parameter target (``total_params`` or ``active_params``)
+    that ``strategy`` turns into sizes (slimmoe.strategies.resolve_stages): ``slim``
+    solves the expert width, ``drop`` the number of experts, ``slim+drop`` both. With a
+    target only ``num_key_value_heads`` may be given explicitly. ``drop`` and
+    ``slim+drop`` score whole experts by ``importance.expert_score`` frequency or reap
+    (reap when not set).
+    """
 
     name: str
     expert_intermediate_size: int | None = Field(None, gt=0)
     num_key_value_heads: int | None = Field(None, gt=0)
     num_experts: int | None = Field(None, gt=0)
+    strategy: Strategy = Field("slim", description="slim: expert width; drop: whole experts; slim+drop: both")
+    total_params: int | None = Field(None, gt=0, description="target total parameters (instead of sizes)")
+    active_params: int | None = Field(None, gt=0, description="target active parameters (instead of sizes)")
 
     _name = field_validator("name")(classmethod(lambda cls, v: _folder_name(v)))
+    _counts = field_validator("total_params", "active_params", mode="before")(
+        classmethod(lambda cls, v: _param_count(v)))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_scores_experts_by_reap(cls, data: Any) -> Any:
+        """``drop`` without an explicit ``importance.expert_score`` uses ``reap`` (default is taylor)."""
+        if not isinstance(data, dict) or data.get("strategy") not in DROP_STRATEGIES:
+            return data
+        imp = data.get("importance")
+        if imp is None:
+            return {**data, "importance": {"expert_score": "reap"}}
+        if isinstance(imp, dict) and "expert_score" not in imp:
+            return {**data, "importance": {**imp, "expert_score": "reap"}}
+        if isinstance(imp, ImportanceConfig) and "expert_score" not in imp.model_fields_set:
+            return {**data, "importance": imp.model_copy(update={"expert_score": "reap"})}
+        return data
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy_fits_sizes(cls, v: str, info) -> str:
+        if v == "drop" and info.data.get("expert_intermediate_size") is not None:
+            raise ValueError("drop keeps the expert width: unset expert_intermediate_size or use slim+drop")
+        imp = info.data.get("importance")
+        if v in DROP_STRATEGIES and imp is not None and imp.expert_score not in DROP_EXPERT_SCORES:
+            raise ValueError(f"{v} removes whole experts by importance.expert_score frequency or reap, "
+                             f"got {imp.expert_score}")
+        return v
+
+    @field_validator("total_params", "active_params")
+    @classmethod
+    def _target_or_sizes(cls, v: int | None, info) -> int | None:
+        if v is None:
+            return v
+        if info.field_name == "active_params" and info.data.get("total_params") is not None:
+            raise ValueError("give total_params or active_params, not both")
+        given = [f for f in ("expert_intermediate_size", "num_experts") if info.data.get(f) is not None]
+        if given:
+            raise ValueError(f"a parameter target sets {' and '.join(given)} itself (only num_key_value_heads "
+                             "may be given with it)")
+        return v
+
+    def has_param_target(self) -> bool:
+        return self.total_params is not None or self.active_params is not None
 
     def targets(self) -> SlimTargets:
         return SlimTargets(
@@ -164,7 +240,9 @@ def check_inputs(cfg: PipelineConfig) -> None:
         if value and not Path(value).exists() and (Path(value).suffix or value.startswith((".", "/", "~"))):
             raise UserError(f"{field_name}: no such file or folder: {value}")
     current = copy.deepcopy(teacher)
-    for i, stage in enumerate(expand_schedule(cfg, teacher).stages):
+    from slimmoe.strategies import resolve_stages
+
+    for i, stage in enumerate(resolve_stages(expand_schedule(cfg, teacher), teacher).stages):
         try:
             t = resolve_targets(adapter, current, stage.targets())
         except UserError as e:

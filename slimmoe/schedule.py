@@ -69,6 +69,28 @@ def estimate_total_params(
     return int(total)
 
 
+def estimate_active_params(
+    config,
+    expert_intermediate_size: int | None = None,
+    num_key_value_heads: int | None = None,
+    num_experts: int | None = None,
+) -> int:
+    """Active parameters (as slimmoe.evaluate.parameter_counts counts them) after slimming.
+
+    The total minus the routed experts a token does not pass through: in every MoE layer,
+    ``E - min(top_k, E)`` experts of 3*H*I each (top-k is capped at the expert count, as
+    slimming caps it). Embeddings, attention, routers, shared experts and norms are active.
+    """
+    adapter = get_adapter(config)
+    H = int(config.hidden_size)
+    I = adapter.expert_size(config) if expert_intermediate_size is None else int(expert_intermediate_size)
+    E = adapter.num_experts(config) if num_experts is None else int(num_experts)
+    idle = E - min(adapter.top_k(config), E)
+    moe_layers = sum(_is_moe_layer(config, i) for i in range(int(config.num_hidden_layers)))
+    total = estimate_total_params(config, expert_intermediate_size, num_key_value_heads, num_experts)
+    return int(total - moe_layers * idle * 3 * H * I)
+
+
 def _attention_params(config, adapter, q: dict, H: int, nq: int, kv: int) -> int:
     kv_lora = getattr(config, "kv_lora_rank", None)
     if kv_lora:  # multi-head latent attention (DeepSeek)
@@ -164,21 +186,26 @@ def _pick_kv(target: float, prev: int, final: int, group: int) -> int:
     return min(ok, key=lambda v: (abs(math.log(v / target)), -v))
 
 
-def format_schedule(stages: list[SlimTargets], teacher_config) -> str:
-    """A plain-text table of the teacher and every stage: sizes and estimated total parameters."""
+def format_schedule(stages: list[SlimTargets], teacher_config, names: list[str] | None = None) -> str:
+    """A plain-text table of the teacher and every stage: sizes, estimated total and active parameters.
+
+    ``names`` labels the stages (default ``stage1`` ... ``final``).
+    """
     adapter = get_adapter(teacher_config)
     src = source_sizes(adapter, teacher_config)
     cur = {"expert_intermediate_size": src["expert_intermediate_size"],
            "num_key_value_heads": src["num_key_value_heads"], "num_experts": src["num_experts"]}
     p0 = estimate_total_params(teacher_config)
-    rows = [("teacher", cur["expert_intermediate_size"], cur["num_key_value_heads"], cur["num_experts"], p0)]
+    rows = [("teacher", cur["expert_intermediate_size"], cur["num_key_value_heads"], cur["num_experts"], p0,
+             estimate_active_params(teacher_config))]
     for i, st in enumerate(stages, 1):
         cur = {k: (v if v is not None else cur[k]) for k, v in st.model_dump().items()}
         p = estimate_total_params(teacher_config, **cur)
-        name = "final" if i == len(stages) else f"stage{i}"
-        rows.append((name, cur["expert_intermediate_size"], cur["num_key_value_heads"], cur["num_experts"], p))
-    header = ("stage", "expert width", "KV heads", "experts", "est. total params", "vs teacher")
-    body = [(r[0], str(r[1]), str(r[2]), str(r[3]), _human(r[4]), f"{r[4] / p0:.3f}") for r in rows]
+        name = names[i - 1] if names else ("final" if i == len(stages) else f"stage{i}")
+        rows.append((name, cur["expert_intermediate_size"], cur["num_key_value_heads"], cur["num_experts"], p,
+                     estimate_active_params(teacher_config, **cur)))
+    header = ("stage", "expert width", "KV heads", "experts", "est. total params", "vs teacher", "est. active params")
+    body = [(r[0], str(r[1]), str(r[2]), str(r[3]), _human(r[4]), f"{r[4] / p0:.3f}", _human(r[5])) for r in rows]
     widths = [max(len(x[c]) for x in [header, *body]) for c in range(len(header))]
     lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths)))
              for row in [header, *body]]
