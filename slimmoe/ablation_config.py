@@ -6,7 +6,8 @@ One teacher, one data set, one token budget, one target size; the arms compared 
                       target in one step, distil with every token
     multi-stage-slim  the same final shape in ``num_stages`` steps (sizes interpolated
                       geometrically in parameters), the tokens split evenly over the stages
-    one-shot-drop     drop whole experts to the one-shot-slim model's *total* parameters
+    one-shot-drop     drop whole experts to the same *total* parameters (the target's, or the
+                      one-shot-slim model's when the target is active parameters or a width)
     slim-drop         expert width and expert count together, to the same total
     scratch           random init at the one-shot-slim shape, the same tokens, LM loss
 
@@ -21,7 +22,8 @@ import copy
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from slimmoe.config import DistillConfig, ImportanceConfig, SlimTargets, StrictModel, apply_overrides, load_yaml
 from slimmoe.pipeline_config import DataConfig, EvalConfig, StageConfig, TrackingConfig, _folder_name
@@ -82,14 +84,20 @@ class AblationConfig(StrictModel):
             raise ValueError(f"must not repeat, got {v}")
         return v
 
-    @model_validator(mode="after")
-    def _drop_needs_expert_score(self) -> "AblationConfig":
-        if any(a in DROP_ARMS for a in self.arms) and self.importance.expert_score not in ("frequency", "reap"):
-            raise ValueError("importance.expert_score: the drop arms need frequency or reap, "
-                             f"got {self.importance.expert_score!r}")
-        if self.distill.loss == "lm":
-            raise ValueError("distill.loss: the ablation compares distillation; lm is the scratch arm's loss")
-        return self
+    @field_validator("importance")
+    @classmethod
+    def _drop_needs_expert_score(cls, v: ImportanceConfig, info: ValidationInfo) -> ImportanceConfig:
+        if any(a in DROP_ARMS for a in info.data.get("arms", ())) and v.expert_score not in ("frequency", "reap"):
+            raise PydanticCustomError("drop_score", "expert_score: the drop arms need frequency or reap, got {got!r}",
+                                      {"got": v.expert_score})
+        return v
+
+    @field_validator("distill")
+    @classmethod
+    def _kd_loss(cls, v: AblationDistill) -> AblationDistill:
+        if v.loss == "lm":
+            raise PydanticCustomError("kd_loss", "loss: the arms compare distillation losses; lm is the scratch arm's")
+        return v
 
     def tracking_uri(self) -> str:
         return self.tracking.uri or f"sqlite:///{Path(self.output_dir).resolve() / 'mlflow.db'}"
@@ -125,7 +133,8 @@ def plan_arms(cfg: AblationConfig, teacher_config) -> dict[str, list[StageConfig
     from slimmoe.schedule import estimate_total_params, interpolate_stages
 
     final = slim_targets(cfg, teacher_config)
-    slim_total = estimate_total_params(teacher_config, **final.model_dump())
+    # the drop arms' budget: the target's total, else (active or width target) the slim model's total
+    budget = cfg.target.total_params or estimate_total_params(teacher_config, **final.model_dump())
     arms: dict[str, list[SlimTargets]] = {}
     for arm in cfg.arms:
         if arm in ("one-shot-slim", "scratch"):
@@ -136,7 +145,7 @@ def plan_arms(cfg: AblationConfig, teacher_config) -> dict[str, list[StageConfig
             from slimmoe.strategies import resolve_sizes
 
             strategy = "drop" if arm == "one-shot-drop" else "slim+drop"
-            arms[arm] = [_named(f"arms.{arm}", lambda s=strategy: resolve_sizes(teacher_config, s, total_params=slim_total))]
+            arms[arm] = [_named(f"arms.{arm}", lambda s=strategy: resolve_sizes(teacher_config, s, total_params=budget))]
     return {arm: _stages(cfg, arm, targets) for arm, targets in arms.items()}
 
 
