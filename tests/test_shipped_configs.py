@@ -17,6 +17,7 @@ CONFIGS = ROOT / "deployments" / "configs"
 PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
 COMPRESS = "flows/compress.py:compress"
 TEACHER = "flows/teacher.py:teacher"
+ABLATION = "flows/ablation.py:ablation"  # its configs are deployments/configs/ablation-*.yaml
 # Not shipped: virtual environments, caches, run outputs (as in .gitignore).
 SKIP_DIRS = {"outputs", "runs", "mlruns", "__pycache__", "tmp", "node_modules"}
 
@@ -38,6 +39,10 @@ def compress_deployments() -> dict[str, dict]:
     return {d["name"]: d for d in deployments() if d["entrypoint"] == COMPRESS}
 
 
+def ablation_deployments() -> dict[str, dict]:
+    return {d["name"]: d for d in deployments() if d["entrypoint"] == ABLATION}
+
+
 def test_every_shipped_yaml_validates():
     files = shipped_yaml_files()
     assert PREFECT_YAML in files and len(list(CONFIGS.glob("*.yaml"))) >= 3, files
@@ -49,12 +54,22 @@ def test_every_shipped_yaml_validates():
                 if d["entrypoint"] == COMPRESS:
                     PipelineConfig.model_validate(d["parameters"]["config"])
                     checked.append(f"{rel}:compress/{d['name']}")
+                if d["entrypoint"] == ABLATION:
+                    from slimmoe.ablation_config import AblationConfig
+
+                    AblationConfig.model_validate(d["parameters"]["config"])
+                    checked.append(f"{rel}:ablation/{d['name']}")
+        elif path.parent == CONFIGS and path.stem.startswith("ablation"):
+            from slimmoe.ablation_config import load_ablation_config
+
+            load_ablation_config(path)
+            checked.append(str(rel))
         elif path.parent == CONFIGS:
             load_pipeline_config(path)  # the loader of `slimmoe run`: unknown keys are errors
             checked.append(str(rel))
         else:
             pytest.fail(f"{rel}: a shipped YAML this test does not know how to validate; add it here")
-    assert len(checked) == len(list(CONFIGS.glob("*.yaml"))) + len(compress_deployments())
+    assert len(checked) == len(list(CONFIGS.glob("*.yaml"))) + len(compress_deployments()) + len(ablation_deployments())
 
 
 def test_teacher_deployment_parameters_validate():
@@ -65,9 +80,9 @@ def test_teacher_deployment_parameters_validate():
 
 
 def test_prefect_yaml_parameters_equal_the_config_files():
-    by_name = compress_deployments()
+    by_name = {**compress_deployments(), **ablation_deployments()}
     files = {p.stem: p for p in CONFIGS.glob("*.yaml")}
-    assert set(by_name) == set(files), "one compress deployment per deployments/configs/*.yaml, same name"
+    assert set(by_name) == set(files), "one compress/ablation deployment per deployments/configs/*.yaml, same name"
     for name, path in files.items():
         assert by_name[name]["parameters"] == {"config": yaml.safe_load(path.read_text())}, (
             f"deployments/prefect.yaml compress/{name} differs from {path.relative_to(ROOT)}")
@@ -77,7 +92,7 @@ def test_deployments_layout():
     doc = load_yaml(PREFECT_YAML)
     names = {(d["entrypoint"].split(":")[-1], d["name"]) for d in doc["deployments"]}
     assert names == {("compress", "demo"), ("compress", "phi-mini-moe"), ("compress", "phi-tiny-moe"),
-                     ("teacher", "demo")}
+                     ("teacher", "demo"), ("ablation", "ablation-demo")}
     for d in doc["deployments"]:
         assert d["work_pool"]["name"] == "slimmoe"
         assert (ROOT / d["entrypoint"].split(":")[0]).parent.is_dir()
