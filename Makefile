@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-quality ablation clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,6 +25,12 @@ bench: $(STAMP)
 	$(BIN)/python bench/importance.py
 	$(BIN)/python bench/distill.py
 	$(BIN)/python bench/pipeline.py
+
+bench-quality: $(STAMP)  # the ablation on the demo teacher, 3 seeds (~20+ min on 2 cores; needs `make demo` first)
+	$(BIN)/python bench/quality.py
+
+ablation: $(STAMP)  # strategies side by side on the demo teacher: outputs/demo/ablation/report.md
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/slimmoe ablate deployments/configs/ablation-demo.yaml
 
 clean:
 	rm -rf $(VENV) outputs runs

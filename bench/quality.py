@@ -26,7 +26,13 @@ def main() -> int:
     p.add_argument("--output-dir", default="outputs/bench-quality")
     p.add_argument("--config", default=str(ROOT / "deployments" / "configs" / "ablation-demo.yaml"))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default torch's); 1 is faster on a machine shared by several jobs")
     args = p.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
     from slimmoe.ablation_config import check_ablation_inputs, load_ablation_config
