@@ -78,7 +78,8 @@ def perplexity_figure(rows: list[dict], teacher: dict):
                     label=f"{r['arm']} ({r['total_params'] / 1e6:.2f}M total)")
     ax.axhline(teacher["perplexity"], color="gray", linestyle="--", linewidth=1,
                label=f"teacher ({teacher['active_params'] / 1e6:.2f}M active)")
-    ax.set(xlabel="active parameters", ylabel="held-out perplexity", title="perplexity vs active parameters")
+    ax.set(xlabel="active parameters", ylabel="held-out perplexity (log)", title="perplexity vs active parameters")
+    ax.set_yscale("log")  # a from-scratch arm can be several times worse than the rest
     ax.legend(fontsize=7)
     return fig
 

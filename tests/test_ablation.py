@@ -10,6 +10,8 @@ from collections import Counter
 
 import pytest
 import torch
+
+import slimmoe.cli
 import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -22,6 +24,17 @@ from slimmoe.loading import load_config
 from slimmoe.schedule import estimate_total_params
 
 SEEDS = [0, 1]
+
+
+def join_ablate(mp) -> None:
+    """The installed entry points predate `ablate`; join it to the CLI the way they would."""
+    from flows.commands import add_ablate
+
+    class EP:
+        def load(self):
+            return add_ablate
+
+    mp.setattr(slimmoe.cli, "entry_points", lambda group: [EP()])
 
 
 @pytest.fixture(scope="module")
@@ -41,20 +54,18 @@ def ablated(tmp_path_factory):
     path.write_text(yaml.safe_dump(config))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny steps: OpenMP barriers on a loaded 2-core box cost more than they give
-    with prefect_test_harness(server_startup_timeout=60):
-        from flows.ablation import ablation
-        from slimmoe.ablation_config import load_ablation_config
-
-        result = ablation(load_ablation_config(path))
+    with prefect_test_harness(server_startup_timeout=60), pytest.MonkeyPatch.context() as mp:
+        join_ablate(mp)
+        assert slimmoe.cli.main(["ablate", str(path)]) == 0
         with get_client(sync_client=True) as client:
             flow_runs = client.read_flow_runs()
             task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fr.id for fr in flow_runs])))
     torch.set_num_threads(threads)
-    yield root, config, result, flow_runs, task_runs
+    yield root, config, flow_runs, task_runs
 
 
 def test_every_arm_runs_at_every_seed(ablated):
-    root, _, result, flow_runs, _ = ablated
+    root, _, flow_runs, _ = ablated
     doc = json.loads((root / "out" / "report.json").read_text())
     assert sorted((r["arm"], r["seed"]) for r in doc["runs"]) == sorted((a, s) for a in ARMS for s in SEEDS)
     subflows = {fr.name: fr.state.name for fr in flow_runs if fr.parent_task_run_id is not None}
@@ -109,7 +120,7 @@ def test_scratch_is_random_at_the_one_shot_shape_and_seeded(ablated):
 
 
 def test_report_has_one_row_per_arm_with_mean_and_spread(ablated):
-    root, _, result, *_ = ablated
+    root, *_ = ablated
     doc = json.loads((root / "out" / "report.json").read_text())
     assert [r["arm"] for r in doc["arms"]] == list(ARMS)
     for row in doc["arms"]:
@@ -127,11 +138,11 @@ def test_report_has_one_row_per_arm_with_mean_and_spread(ablated):
 def test_mlflow_has_a_run_per_arm_and_seed_under_one_parent(ablated):
     from mlflow.tracking import MlflowClient
 
-    root, config, result, *_ = ablated
+    root, *_ = ablated
     client = MlflowClient(f"sqlite:///{root / 'out' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("test-ablation")
     runs = client.search_runs([exp.experiment_id])
-    parent = result["mlflow_run_id"]
+    (parent,) = [r.info.run_id for r in runs if r.data.tags.get("slimmoe.kind") == "ablation"]
     arm_runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
     assert sorted((r.data.tags["arm"], r.data.tags["seed"]) for r in arm_runs) == \
         sorted((a, str(s)) for a in ARMS for s in SEEDS)
@@ -159,20 +170,12 @@ def small_teacher(tmp_path_factory):
 ])
 def test_bad_configs_exit_2_with_one_line_naming_the_field(small_teacher, tmp_path, monkeypatch, capsys, override,
                                                            field):
-    import slimmoe.cli
-    from flows.commands import add_ablate
-
     teacher, corpus = small_teacher
     path = tmp_path / "a.yaml"
     path.write_text(yaml.safe_dump({"name": "bad", "teacher": str(teacher), "output_dir": str(tmp_path / "out"),
                                     "data": {"train": str(corpus)}, "target": {"expert_intermediate_size": 8},
                                     "tokens": 64}))
-
-    class EP:  # the installed entry points predate `ablate`; join it the way they would
-        def load(self):
-            return add_ablate
-
-    monkeypatch.setattr(slimmoe.cli, "entry_points", lambda group: [EP()])
+    join_ablate(monkeypatch)
     capsys.readouterr()
     assert slimmoe.cli.main(["ablate", str(path), "--set", override]) == 2
     err = capsys.readouterr().err.strip().splitlines()
