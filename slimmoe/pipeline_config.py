@@ -65,7 +65,7 @@ DROP_STRATEGIES = ("drop", "slim+drop")
 DROP_EXPERT_SCORES = ("frequency", "reap")
 
 
-def _param_count(v: Any) -> Any:
+def parse_param_count(v: Any) -> Any:
     """Accept 3800000000, 3.8e9, "3.8e9", "3.8B", "500M", "120K" as a parameter count."""
     if isinstance(v, str):
         s = v.strip().replace("_", "").upper()
@@ -87,7 +87,8 @@ class StageConfig(StageSettings):
     Either explicit sizes or a parameter target (``total_params`` or ``active_params``)
     that ``strategy`` turns into sizes (slimmoe.strategies.resolve_stages): ``slim``
     solves the expert width, ``drop`` the number of experts, ``slim+drop`` both. With a
-    target only ``num_key_value_heads`` may be given explicitly. ``drop`` and
+    target only ``num_key_value_heads`` may be given explicitly; explicit sizes are used as
+    given (a resolved stage keeps its strategy and carries all three). ``drop`` and
     ``slim+drop`` score whole experts by ``importance.expert_score`` frequency or reap
     (reap when not set).
     """
@@ -102,7 +103,7 @@ class StageConfig(StageSettings):
 
     _name = field_validator("name")(classmethod(lambda cls, v: _folder_name(v)))
     _counts = field_validator("total_params", "active_params", mode="before")(
-        classmethod(lambda cls, v: _param_count(v)))
+        classmethod(lambda cls, v: parse_param_count(v)))
 
     @model_validator(mode="before")
     @classmethod
@@ -122,8 +123,6 @@ class StageConfig(StageSettings):
     @field_validator("strategy")
     @classmethod
     def _strategy_fits_sizes(cls, v: str, info) -> str:
-        if v == "drop" and info.data.get("expert_intermediate_size") is not None:
-            raise ValueError("drop keeps the expert width: unset expert_intermediate_size or use slim+drop")
         imp = info.data.get("importance")
         if v in DROP_STRATEGIES and imp is not None and imp.expert_score not in DROP_EXPERT_SCORES:
             raise ValueError(f"{v} removes whole experts by importance.expert_score frequency or reap, "

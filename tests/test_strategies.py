@@ -157,6 +157,7 @@ def test_stages_resolve_in_order_from_the_previous_stage(tmp_path):
     assert b.num_experts == a.num_experts and b.num_key_value_heads == 1  # slim keeps what stage a left
     assert estimate_total_params(config, **b.targets().model_dump()) <= int(t0 * 0.5)
     assert a.importance.expert_score == "reap" and cfg.stages[0].total_params == int(t0 * 0.8)  # input untouched
+    assert PipelineConfig.model_validate(out.model_dump()) == out  # a resolved config is a valid config
 
 
 def write_run(tmp_path, stages):
@@ -191,7 +192,6 @@ def test_run_config_with_drop_and_total_params_validates_and_resolves(tmp_path, 
     ([{"name": "a", "total_params": 9, "active_params": 9}], "stages.0.active_params"),
     ([{"name": "a", "total_params": 9, "expert_intermediate_size": 8}], "stages.0.total_params"),
     ([{"name": "a", "strategy": "drop", "importance": {"expert_score": "taylor"}}], "stages.0.strategy"),
-    ([{"name": "a", "strategy": "drop", "expert_intermediate_size": 8}], "stages.0.strategy"),
     ([{"name": "a", "total_params": "lots"}], "stages.0.total_params"),
 ])
 def test_run_errors_exit_2_naming_the_field(tmp_path, capsys, stages, needle):
@@ -199,3 +199,25 @@ def test_run_errors_exit_2_naming_the_field(tmp_path, capsys, stages, needle):
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and needle in err and "Traceback" not in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_prune_cli_solves_a_parameter_target(tmp_path, capsys):
+    src = tmp_path / "src"
+    tiny_model("phimoe", **ROOMY["phimoe"]).save_pretrained(src)
+    target = int(estimate_total_params(tiny_config("phimoe", **ROOMY["phimoe"])) * 0.6)
+    args = ["prune", str(src), str(tmp_path / "out"), "--strategy", "drop", "--total-params", str(target),
+            "--samples", "4", "--seq-len", "16", "--no-progress"]
+    assert main(args) == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.config.intermediate_size == WIDTH and model.config.num_local_experts < 8
+    assert 0 <= target - parameter_counts(model)["total_params"] < 2 * (3 * 32 * WIDTH + 32)
+    plan = yaml.safe_load((tmp_path / "out" / "slim_plan.json").read_text())
+    assert plan["scores"]["expert_score"] == "reap"
+    capsys.readouterr()
+    for extra, needle in ((["--active-params", "1000"], "--active-params: target 1,000 is below"),
+                          (["--total-params", "lots"], "--total-params: expected a parameter count"),
+                          (["--expert-score", "taylor"], "--expert-score: --strategy drop")):
+        bad = args[:3] + ["--strategy", "drop", *extra, "--no-progress"]
+        assert main(bad) == 2
+        err = capsys.readouterr().err
+        assert err.count("error:") == 1 and needle in err, err
