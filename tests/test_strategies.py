@@ -221,3 +221,21 @@ def test_prune_cli_solves_a_parameter_target(tmp_path, capsys):
         assert main(bad) == 2
         err = capsys.readouterr().err
         assert err.count("error:") == 1 and needle in err, err
+
+
+def test_schedule_with_a_parameter_target_steps_down_to_the_solved_sizes():
+    from slimmoe.pipeline_config import expand_schedule
+
+    config = tiny_config("phimoe", **ROOMY["phimoe"])
+    target = int(estimate_total_params(config) * 0.4)
+    cfg = PipelineConfig.model_validate({**BASE, "schedule": {"num_stages": 2, "strategy": "slim+drop",
+                                                              "total_params": target}})
+    stages = expand_schedule(cfg, config).stages
+    final = resolve_sizes(config, "slim+drop", total_params=target)
+    assert stages[-1].targets() == final and final.num_experts < 8 and final.expert_intermediate_size < WIDTH
+    assert [s.strategy for s in stages] == ["slim+drop"] * 2 and stages[0].importance.expert_score == "reap"
+    assert estimate_total_params(config, **stages[0].targets().model_dump()) > estimate_total_params(
+        config, **final.model_dump())
+    with pytest.raises(UserError, match="schedule.total_params: target 10 is below"):
+        expand_schedule(cfg.model_copy(update={"schedule": cfg.schedule.model_copy(update={"total_params": 10})}),
+                        config)
