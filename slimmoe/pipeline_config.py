@@ -65,7 +65,7 @@ DROP_STRATEGIES = ("drop", "slim+drop")
 DROP_EXPERT_SCORES = ("frequency", "reap")
 
 
-def _param_count(v: Any) -> Any:
+def parse_param_count(v: Any) -> Any:
     """Accept 3800000000, 3.8e9, "3.8e9", "3.8B", "500M", "120K" as a parameter count."""
     if isinstance(v, str):
         s = v.strip().replace("_", "").upper()
@@ -81,13 +81,48 @@ def _param_count(v: Any) -> Any:
     return v
 
 
+def _default_reap(data: Any) -> Any:
+    """``drop`` without an explicit ``importance.expert_score`` uses ``reap`` (the default is taylor)."""
+    if not isinstance(data, dict) or data.get("strategy") not in DROP_STRATEGIES:
+        return data
+    imp = data.get("importance")
+    if imp is None:
+        return {**data, "importance": {"expert_score": "reap"}}
+    if isinstance(imp, dict) and "expert_score" not in imp:
+        return {**data, "importance": {**imp, "expert_score": "reap"}}
+    if isinstance(imp, ImportanceConfig) and "expert_score" not in imp.model_fields_set:
+        return {**data, "importance": imp.model_copy(update={"expert_score": "reap"})}
+    return data
+
+
+def _check_strategy(v: str, info) -> str:
+    imp = info.data.get("importance")
+    if v in DROP_STRATEGIES and imp is not None and imp.expert_score not in DROP_EXPERT_SCORES:
+        raise ValueError(f"{v} removes whole experts by importance.expert_score frequency or reap, got {imp.expert_score}")
+    return v
+
+
+def _check_target(v: int | None, info, sizes: dict) -> int | None:
+    """At most one of total_params / active_params; with one, only num_key_value_heads among ``sizes``."""
+    if v is None:
+        return v
+    if info.field_name == "active_params" and info.data.get("total_params") is not None:
+        raise ValueError("give total_params or active_params, not both")
+    given = [f for f in ("expert_intermediate_size", "num_experts") if sizes.get(f) is not None]
+    if given:
+        raise ValueError(f"a parameter target sets {' and '.join(given)} itself (only num_key_value_heads "
+                         "may be given with it)")
+    return v
+
+
 class StageConfig(StageSettings):
     """One stage: prune one-shot to these sizes, then distil from the original teacher.
 
     Either explicit sizes or a parameter target (``total_params`` or ``active_params``)
     that ``strategy`` turns into sizes (slimmoe.strategies.resolve_stages): ``slim``
     solves the expert width, ``drop`` the number of experts, ``slim+drop`` both. With a
-    target only ``num_key_value_heads`` may be given explicitly. ``drop`` and
+    target only ``num_key_value_heads`` may be given explicitly; explicit sizes are used as
+    given (a resolved stage keeps its strategy and carries all three). ``drop`` and
     ``slim+drop`` score whole experts by ``importance.expert_score`` frequency or reap
     (reap when not set).
     """
@@ -102,46 +137,12 @@ class StageConfig(StageSettings):
 
     _name = field_validator("name")(classmethod(lambda cls, v: _folder_name(v)))
     _counts = field_validator("total_params", "active_params", mode="before")(
-        classmethod(lambda cls, v: _param_count(v)))
+        classmethod(lambda cls, v: parse_param_count(v)))
 
-    @model_validator(mode="before")
-    @classmethod
-    def _drop_scores_experts_by_reap(cls, data: Any) -> Any:
-        """``drop`` without an explicit ``importance.expert_score`` uses ``reap`` (default is taylor)."""
-        if not isinstance(data, dict) or data.get("strategy") not in DROP_STRATEGIES:
-            return data
-        imp = data.get("importance")
-        if imp is None:
-            return {**data, "importance": {"expert_score": "reap"}}
-        if isinstance(imp, dict) and "expert_score" not in imp:
-            return {**data, "importance": {**imp, "expert_score": "reap"}}
-        if isinstance(imp, ImportanceConfig) and "expert_score" not in imp.model_fields_set:
-            return {**data, "importance": imp.model_copy(update={"expert_score": "reap"})}
-        return data
-
-    @field_validator("strategy")
-    @classmethod
-    def _strategy_fits_sizes(cls, v: str, info) -> str:
-        if v == "drop" and info.data.get("expert_intermediate_size") is not None:
-            raise ValueError("drop keeps the expert width: unset expert_intermediate_size or use slim+drop")
-        imp = info.data.get("importance")
-        if v in DROP_STRATEGIES and imp is not None and imp.expert_score not in DROP_EXPERT_SCORES:
-            raise ValueError(f"{v} removes whole experts by importance.expert_score frequency or reap, "
-                             f"got {imp.expert_score}")
-        return v
-
-    @field_validator("total_params", "active_params")
-    @classmethod
-    def _target_or_sizes(cls, v: int | None, info) -> int | None:
-        if v is None:
-            return v
-        if info.field_name == "active_params" and info.data.get("total_params") is not None:
-            raise ValueError("give total_params or active_params, not both")
-        given = [f for f in ("expert_intermediate_size", "num_experts") if info.data.get(f) is not None]
-        if given:
-            raise ValueError(f"a parameter target sets {' and '.join(given)} itself (only num_key_value_heads "
-                             "may be given with it)")
-        return v
+    _reap = model_validator(mode="before")(classmethod(lambda cls, data: _default_reap(data)))
+    _strategy = field_validator("strategy")(classmethod(lambda cls, v, info: _check_strategy(v, info)))
+    _target = field_validator("total_params", "active_params")(
+        classmethod(lambda cls, v, info: _check_target(v, info, info.data)))
 
     def has_param_target(self) -> bool:
         return self.total_params is not None or self.active_params is not None
@@ -155,10 +156,30 @@ class StageConfig(StageSettings):
 
 
 class ScheduleConfig(StageSettings):
-    """Automatic stages: sizes interpolated geometrically in parameters from teacher to ``final``."""
+    """Automatic stages: sizes interpolated geometrically in parameters from teacher to ``final``.
+
+    ``final`` may instead be a parameter target (``total_params`` / ``active_params``, with
+    ``strategy``, as in a stage); it is solved into sizes from the teacher first.
+    """
 
     num_stages: int = Field(2, ge=1)
-    final: SlimTargets
+    final: SlimTargets = SlimTargets()
+    strategy: Strategy = "slim"
+    total_params: int | None = Field(None, gt=0)
+    active_params: int | None = Field(None, gt=0)
+
+    _counts = field_validator("total_params", "active_params", mode="before")(
+        classmethod(lambda cls, v: parse_param_count(v)))
+    _reap = model_validator(mode="before")(classmethod(lambda cls, data: _default_reap(data)))
+    _strategy = field_validator("strategy")(classmethod(lambda cls, v, info: _check_strategy(v, info)))
+    _target = field_validator("total_params", "active_params")(
+        classmethod(lambda cls, v, info: _check_target(v, info, dict(info.data.get("final") or {}))))
+
+    @model_validator(mode="after")
+    def _final_or_target(self) -> "ScheduleConfig":
+        if self.final.is_noop() and self.total_params is None and self.active_params is None:
+            raise ValueError("give final sizes or a parameter target (total_params or active_params)")
+        return self
 
 
 class TrackingConfig(StrictModel):
@@ -210,11 +231,21 @@ def expand_schedule(cfg: PipelineConfig, teacher_config) -> PipelineConfig:
     from slimmoe.schedule import interpolate_stages
 
     sch = cfg.schedule
-    targets = interpolate_stages(teacher_config, sch.final, sch.num_stages)
+    final = sch.final
+    if sch.total_params is not None or sch.active_params is not None:
+        from slimmoe.errors import UserError
+        from slimmoe.strategies import resolve_sizes
+
+        try:
+            final = resolve_sizes(teacher_config, sch.strategy, sch.total_params, sch.active_params, sch.final)
+        except UserError as e:
+            raise UserError(f"schedule.{e}") from None
+    targets = interpolate_stages(teacher_config, final, sch.num_stages)
     stages = [
         StageConfig(
             name="final" if i == len(targets) - 1 else f"stage{i + 1}",
             **t.model_dump(),
+            strategy=sch.strategy,
             importance=sch.importance,
             distill=sch.distill,
             eval=sch.eval,

@@ -125,7 +125,7 @@ def interpolate_stages(teacher_config, final: SlimTargets, num_stages: int) -> l
     """``num_stages`` targets from ``teacher_config`` down to ``final`` (the last one, exactly).
 
     Fields ``final`` leaves None stay None in every stage. Sizes never grow from one stage
-    to the next; expert width is a multiple of 8 when >= 64; every KV-head count divides
+    to the next; expert width is a multiple of 8 when >= 8; every KV-head count divides
     the previous stage's query heads and leaves ``final``'s count reachable. Rounding
     can make two consecutive stages equal when there are more stages than sizes.
     """
@@ -173,10 +173,22 @@ def _solve_width(config, target: float, I0: int, If: int, kv: int, E: int) -> fl
     return If + (target - lo) * (I0 - If) / (hi - lo)
 
 
+# Expert widths are multiples of 8 from 8 up: transformers 5 runs fused experts with
+# torch's grouped_mm, whose kernels need 16-byte row strides (8 bf16 values); on CPU with
+# torch > 2.10 a width of e.g. 15 fails in a stock forward ("strides should be multiple of 16 bytes").
+WIDTH_ALIGN = 8
+
+
 def _round_width(width: float) -> int:
-    if width >= 64:
-        return int(8 * round(width / 8))
+    if width >= WIDTH_ALIGN:
+        return int(WIDTH_ALIGN * round(width / WIDTH_ALIGN))
     return max(1, int(round(width)))
+
+
+def valid_widths(source_width: int) -> list[int]:
+    """Expert widths a plan may cut ``source_width`` to, ascending: 1..7, multiples of 8, and the source's."""
+    small = range(1, min(source_width, WIDTH_ALIGN - 1) + 1)
+    return sorted({*small, *range(WIDTH_ALIGN, source_width + 1, WIDTH_ALIGN), source_width})
 
 
 def _pick_kv(target: float, prev: int, final: int, group: int) -> int:

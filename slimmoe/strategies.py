@@ -15,9 +15,10 @@ A stage may ask for ``total_params`` or ``active_params`` instead of sizes; its
 
 Every solve picks the largest size whose estimated count is **not above** the target (a
 target is a budget), so the result lies within one structure of it: one width step of
-every expert of every layer (one neuron, or 8 when widths are multiples of 8 at >= 64,
-as in slimmoe.schedule), or one expert per MoE layer. Counts are exact analytic
-estimates (slimmoe.schedule), so a 42B teacher is planned without building it.
+every expert of every layer, or one expert per MoE layer. A width step is 8 neurons (1
+below 8): widths are multiples of 8, as slimmoe.schedule rounds them, because stock
+transformers cannot run fused experts of other widths everywhere (schedule.WIDTH_ALIGN).
+Counts are exact analytic estimates (slimmoe.schedule): a 42B teacher plans instantly.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from slimmoe.arch import get_adapter
 from slimmoe.config import SlimTargets
 from slimmoe.errors import UserError
 from slimmoe.plan import resolve_targets, source_sizes
-from slimmoe.schedule import estimate_active_params, estimate_total_params, format_schedule
+from slimmoe.schedule import estimate_active_params, estimate_total_params, format_schedule, valid_widths
 
 if TYPE_CHECKING:
     from slimmoe.pipeline_config import PipelineConfig
@@ -77,8 +78,8 @@ def resolve_sizes(
     def fits(width: int, experts: int) -> bool:
         return count(source_config, width, kv, experts) <= target
 
-    widths = _widths(I0)
-    experts = list(range(min(adapter.min_experts, E0), E0 + 1))
+    widths = valid_widths(I0)
+    experts = [e for e in range(1, E0 + 1) if e == E0 or _can_drop_to(adapter, source_config, e)]
     if strategy == "slim":
         E, I = E0, _largest(widths, lambda w: fits(w, E0))
     elif strategy == "drop":
@@ -93,11 +94,12 @@ def resolve_sizes(
     return out
 
 
-def _widths(source_width: int) -> list[int]:
-    """Valid expert widths up to the source's, ascending: any below 64, multiples of 8 from 64."""
-    small = list(range(1, min(source_width, 63) + 1))
-    large = list(range(64, source_width + 1, 8))
-    return sorted(set(small + large + [source_width]))
+def _can_drop_to(adapter, config, num_experts: int) -> bool:
+    try:
+        adapter.check_expert_dropping(config, num_experts)
+    except UserError:
+        return False
+    return True
 
 
 def _largest(values: list[int], ok: Callable[[int], bool]) -> int | None:
