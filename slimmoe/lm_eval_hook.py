@@ -52,7 +52,12 @@ def run_lm_eval(model_dir: str | Path, tasks: list[str], limit: int | float | No
     lm_eval, TaskManager = _import_lm_eval()
     import torch
 
-    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    manager = None
+    if include_path is not None:  # indexing lm-eval's ~15k bundled tasks takes seconds: skip it when possible
+        manager = TaskManager(include_path=str(include_path), include_defaults=False)
+        if not set(tasks) <= set(manager.all_tasks):
+            manager = None
+    manager = manager or TaskManager(include_path=str(include_path) if include_path else None)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise UserError(f"{FIELD}: unknown lm-eval task(s) {unknown}")
