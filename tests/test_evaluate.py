@@ -64,6 +64,16 @@ def test_peak_memory_sees_a_transient_allocation_on_cpu():
     assert mem.growth is not None and mem.growth >= 0.8 * (64 << 20)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_peak_memory_on_cuda_counts_allocations_made_inside_only():
+    before = torch.ones(8 << 20, device="cuda")  # allocated before: not growth
+    with PeakMemory("cuda") as mem:
+        x = torch.ones(16 << 20, device="cuda")
+        del x
+    assert (64 << 20) <= mem.growth < (64 << 20) + (8 << 20)
+    del before
+
+
 def test_evaluate_defaults_keep_the_contract_and_options_add_keys():
     m, t = tiny_model("olmoe", seed=0), tiny_model("olmoe", seed=1)
     ids = blocks(n=4, seq=16)
