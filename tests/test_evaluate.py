@@ -149,6 +149,7 @@ def test_evaluate_stage_measures_kl_on_held_out_blocks_and_skips_it_for_the_teac
 def test_evaluate_task_passes_the_teacher_and_logs_every_number(saved, monkeypatch):
     pytest.importorskip("prefect")
     import tasks.steps as steps
+    from flows.common import _metrics  # imported before the patches: tasks.lineage binds steps.tracker
 
     root, teacher, student = saved
     logged, tables = {}, []
@@ -175,8 +176,6 @@ def test_evaluate_task_passes_the_teacher_and_logs_every_number(saved, monkeypat
     assert logged["eval/generate_tokens_per_second_b8"] == metrics["generate_tokens_per_second_b8"]
     assert "eval/perplexity_split" not in logged
     assert tables[0][0]["stage"] == "mid" and tables[0][0]["kl_to_teacher"] == metrics["kl_to_teacher"]
-
-    from flows.common import _metrics
 
     row = _metrics(metrics)
     assert list(row)[:4] == ["total_params", "active_params", "perplexity", "tokens_per_second"]
