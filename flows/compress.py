@@ -25,7 +25,8 @@ def compress(config: PipelineConfig) -> dict:
     teacher = t.fingerprint(cfg.teacher)
     blocks = t.prepare_data(cfg.data.model_dump(), cfg.teacher, str(out / "data"))
     parent = t.start_pipeline_run(cfg.model_dump(mode="json"), teacher, blocks, tracking)
-    teacher_metrics = t.evaluate("teacher", teacher, blocks, cfg.stages[0].eval.model_dump(), tracking, parent)
+    teacher_metrics = t.evaluate("teacher", teacher, blocks, cfg.stages[0].eval.model_dump(), tracking, parent,
+                                 teacher=teacher)  # KL of the teacher to itself: 0, not computed
     rows = [teacher_row(cfg.teacher, teacher_metrics, parent)]
 
     current = {**teacher, "version": None}
@@ -51,6 +52,6 @@ def compress_stage(t, pipeline: str, stage: StageConfig, current: dict, teacher:
     if stage.distill:
         student = rerun_if_missing(t.distill, s.model)(stage.name, small, teacher, blocks,
                                                        stage.distill.model_dump(mode="json"), s.model, tracking, run)
-    metrics = t.evaluate(stage.name, student, blocks, stage.eval.model_dump(), tracking, run)
+    metrics = t.evaluate(stage.name, student, blocks, stage.eval.model_dump(), tracking, run, teacher=teacher)
     version = t.register_stage_model(pipeline, stage.name, student, current, tracking, run)
     return stage_row(stage.name, small, student, scores, metrics, run, version), {**student, "version": version}

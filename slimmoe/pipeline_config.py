@@ -38,8 +38,35 @@ class DataConfig(StrictModel):
 
 
 class EvalConfig(StrictModel):
-    max_blocks: int = Field(64, gt=0, description="held-out blocks used for perplexity")
+    """What the evaluate step measures (README "Evaluation")."""
+
+    max_blocks: int = Field(64, gt=0, description="held-out blocks used for perplexity and KL")
     batch_size: int = Field(8, gt=0)
+    kl_to_teacher: bool = Field(True, description="full-vocabulary KL(teacher || model) on the held-out blocks")
+    throughput_batch_sizes: list[int] = Field(default_factory=lambda: [1, 8],
+                                              description="batch sizes of the forward / generation tokens/s")
+    generation: bool = Field(True, description="measure greedy generation tokens/s")
+    generation_tokens: int = Field(32, gt=0, description="new tokens generated per sequence")
+    generation_prompt_tokens: int = Field(32, gt=0, description="prompt length (first tokens of held-out blocks)")
+    peak_memory: bool = True
+    lm_eval_tasks: list[str] = Field(default_factory=list, description="lm-evaluation-harness tasks (pip install slimmoe[eval])")
+    lm_eval_limit: int | float | None = Field(None, gt=0, description="items per task; a float < 1 is a fraction")
+    lm_eval_batch_size: int = Field(8, gt=0)
+    lm_eval_include_path: str | None = Field(None, description="folder of extra (local) lm-eval task YAMLs")
+
+    @field_validator("throughput_batch_sizes")
+    @classmethod
+    def _sizes(cls, v: list[int]) -> list[int]:
+        if any(n <= 0 for n in v) or len(set(v)) != len(v):
+            raise ValueError(f"must be distinct positive integers, got {v}")
+        return v
+
+    @field_validator("lm_eval_tasks")
+    @classmethod
+    def _tasks(cls, v: list[str]) -> list[str]:
+        if any(not t.strip() for t in v):
+            raise ValueError("task names must not be empty")
+        return v
 
 
 class StageSettings(StrictModel):

@@ -138,13 +138,39 @@ def distill_stage(student_dir: str, teacher_dir: str, blocks_path: str, cfg: Dis
     return {**model_ref(out_dir), "distill": asdict(result)}
 
 
-def evaluate_stage(model_dir: str, blocks_path: str, max_blocks: int = 64, batch_size: int = 8) -> dict:
-    """Held-out perplexity, parameter counts and forward throughput (train blocks if no held-out)."""
-    model = load_model(model_dir)
+def evaluate_stage(model_dir: str, blocks_path: str, max_blocks: int = 64, batch_size: int = 8,
+                   teacher_dir: str | None = None, **options) -> dict:
+    """Held-out perplexity (train blocks if no held-out), parameter counts, throughput, peak
+    memory, KL to ``teacher_dir`` and lm-eval tasks, as ``options`` (``EvalConfig`` fields) ask.
+
+    KL is 0.0 without a forward pass when the model is the teacher; it is left out when
+    no teacher is given or ``kl_to_teacher`` is false. The model runs on CUDA when present.
+    """
+    from slimmoe.pipeline_config import EvalConfig
+
+    cfg = EvalConfig(max_blocks=max_blocks, batch_size=batch_size, **options)
+    device = "cuda" if torch.cuda.is_available() else None
+    model = load_model(model_dir, device=device)
     train, held = load_prepared(blocks_path)
     split = "eval" if held.numel() else "train"
-    blocks = (held if held.numel() else train)[:max_blocks]
-    return {**evaluate(model, blocks, batch_size), "perplexity_split": split}
+    blocks = (held if held.numel() else train)[: cfg.max_blocks]
+    is_teacher = teacher_dir is not None and Path(teacher_dir).resolve() == Path(model_dir).resolve()
+    teacher = None
+    if cfg.kl_to_teacher and teacher_dir is not None and not is_teacher:
+        teacher = load_model(teacher_dir, "teacher", device=device)
+    metrics = evaluate(model, blocks, cfg.batch_size, teacher=teacher, throughput_batch_sizes=cfg.throughput_batch_sizes,
+                       generation_tokens=cfg.generation_tokens if cfg.generation else 0,
+                       generation_prompt_tokens=cfg.generation_prompt_tokens, peak_memory=cfg.peak_memory)
+    if cfg.kl_to_teacher and is_teacher:
+        metrics["kl_to_teacher"] = 0.0
+    del model, teacher
+    if cfg.lm_eval_tasks:
+        from slimmoe.lm_eval_hook import run_lm_eval
+
+        scores = run_lm_eval(model_dir, cfg.lm_eval_tasks, cfg.lm_eval_limit, cfg.lm_eval_batch_size,
+                             cfg.lm_eval_include_path)
+        metrics.update({f"lm_eval/{k}": v for k, v in scores.items()})
+    return {**metrics, "perplexity_split": split}
 
 
 def plan_of(model_dir: str | Path) -> SlimPlan | None:
