@@ -40,12 +40,15 @@ def run(args) -> int:
         if hasattr(e, "errors"):  # pydantic ValidationError
             raise
         raise UserError(str(e)) from None
-    check_inputs(cfg)
-    with _own_output(cfg, "slimmoe run", args.force):
-        _quiet_prefect()
-        from flows.compress import compress
+    from slimmoe.loading import loading_policy
 
-        summary = compress(cfg)
+    with loading_policy(cfg.trust_remote_code, cfg.allow_pickle):
+        check_inputs(cfg)
+        with _own_output(cfg, "slimmoe run", args.force):
+            _quiet_prefect()
+            from flows.compress import compress
+
+            summary = compress(cfg)
     print(format_summary(summary))
     return 0
 
