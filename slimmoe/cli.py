@@ -95,7 +95,7 @@ def _run_eval(args) -> int:
     model = load_model(args.model)
     tokenizer = load_tokenizer(args.model)
     if args.data and tokenizer is not None:
-        blocks, _ = load_blocks(args.data, tokenizer, args.seq_len, max_blocks=args.max_blocks)
+        blocks, _ = load_blocks(args.data, tokenizer, args.seq_len, max_blocks=args.max_blocks, fields=("--data", "--data"))
     else:
         logging.getLogger("slimmoe").warning(
             "evaluating on random tokens (%s): perplexity is only comparable between models on the same tokens",

@@ -111,6 +111,8 @@ def run(args) -> int:
         raise UserError("TEACHER: 'none' is only allowed with --loss lm")
     teacher = None if no_teacher else _check_model_dir(args.teacher, "TEACHER")
     vs = _vocab_size(student)
+    if cfg.loss != "lm" and vs is not None and cfg.topk > vs:
+        raise UserError(f"--topk: {cfg.topk} is larger than the vocabulary ({vs} tokens)")
     if teacher is not None and _vocab_size(teacher) != vs:
         raise UserError(f"TEACHER: vocab size {_vocab_size(teacher)} differs from STUDENT's {vs}")
     for name in ("data", "eval_data"):
@@ -161,7 +163,7 @@ def _load_data(args, tok_dir: Path | None, vocab_size: int):
     if tok is None:
         raise UserError(f"TEACHER: the tokenizer in {tok_dir} cannot be loaded")
     train, evalb = load_blocks(args.data, tok, args.seq_len, eval_fraction=args.eval_fraction,
-                               eval_path=args.eval_data, max_blocks=args.max_blocks)
+                               eval_path=args.eval_data, max_blocks=args.max_blocks, fields=("--data", "--eval-data"))
     if train.shape[0] == 0:
         raise UserError(f"--data: {args.data} gives no block of {args.seq_len} tokens")
     if int(train.max()) >= vocab_size:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class StrictModel(BaseModel):
@@ -62,11 +62,12 @@ class PruneConfig(StrictModel):
     importance: ImportanceConfig = ImportanceConfig()
     data: Path | None = Field(None, description="calibration text; random tokens when absent")
 
-    @model_validator(mode="after")
-    def _data_exists(self) -> "PruneConfig":
-        if self.data is not None and not Path(self.data).exists():
-            raise ValueError(f"data: no such file or folder: {self.data}")
-        return self
+    @field_validator("data")
+    @classmethod
+    def _data_exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not Path(v).exists():
+            raise ValueError(f"no such file or folder: {v}")
+        return v
 
 
 def format_validation_error(err: ValidationError) -> str:
@@ -76,8 +77,12 @@ def format_validation_error(err: ValidationError) -> str:
     mean 'distill'?)``.
     """
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "config"
-    msg = first["msg"].replace("\n", " ")
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = " ".join(first["msg"].split())
+    if first["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")  # our validators' own words
+        if not loc:
+            return msg  # a whole-model check, which names its fields itself
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
         known = _fields_at(_model_named(err.title), first["loc"][:-1])
@@ -86,7 +91,7 @@ def format_validation_error(err: ValidationError) -> str:
             msg += f" (did you mean {close[0]!r}?)"
         elif known:
             msg += f" (known keys: {', '.join(sorted(known))})"
-    return f"{loc}: {msg}"
+    return f"{loc or 'config'}: {msg}"
 
 
 def _model_named(title: str) -> type[BaseModel] | None:

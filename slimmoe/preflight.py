@@ -73,15 +73,8 @@ def check_corpus(data, tokenizer, vocab_size: int) -> None:
     """Tokenise and pack the corpus as the flow will (cached); refuse an empty or too short one."""
     from slimmoe.data import load_blocks
 
-    try:
-        train, _ = load_blocks(data.train, tokenizer, data.seq_len, eval_fraction=data.eval_fraction,
-                               eval_path=data.eval, max_blocks=data.max_blocks, text_field=data.text_field)
-    except UserError as e:
-        msg = str(e)
-        for internal, field in (("source: ", "data.train: "), ("eval_path: ", "data.eval: ")):
-            if msg.startswith(internal):
-                msg = field + msg[len(internal):]
-        raise UserError(msg) from None
+    train, _ = load_blocks(data.train, tokenizer, data.seq_len, eval_fraction=data.eval_fraction, eval_path=data.eval,
+                           max_blocks=data.max_blocks, text_field=data.text_field, fields=("data.train", "data.eval"))
     if train.shape[0] == 0:
         raise UserError(f"data.train: {data.train} leaves no training block of data.seq_len={data.seq_len} tokens "
                         f"once data.eval_fraction={data.eval_fraction} is held out")
