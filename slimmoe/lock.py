@@ -85,18 +85,25 @@ def check_output_owner(folder: str | os.PathLike, name: str, force: bool = False
         return
     if not folder.is_dir():
         raise UserError(f"output_dir: {folder} exists and is not a folder")
-    marker = folder / MARKER_FILE
-    if marker.is_file():
-        try:
-            owner = json.loads(marker.read_text()).get("name")
-        except (OSError, ValueError, AttributeError):
-            owner = None
+    owner = _owner(folder)
+    if owner is not None:
         if owner != name:
             raise UserError(f"output_dir: {folder} holds the results of pipeline {owner!r}, not {name!r}; "
                             "use another output_dir, or pass --force to write into it anyway")
     elif any(p.name not in _OWN_FILES for p in folder.iterdir()):
         raise UserError(f"output_dir: {folder} is not empty and was not written by slimmoe run; "
                         "use another output_dir, or pass --force to write into it anyway")
+
+
+def _owner(folder: Path) -> str | None:
+    """The pipeline named by the marker, or by summary.json in folders written before markers existed."""
+    for name in (MARKER_FILE, "summary.json"):
+        try:
+            owner = json.loads((folder / name).read_text()).get("name")
+        except (OSError, ValueError, AttributeError):
+            continue
+        return str(owner)
+    return None
 
 
 def write_output_owner(folder: str | os.PathLike, name: str, teacher: str) -> None:

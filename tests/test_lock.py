@@ -15,7 +15,7 @@ from tiny_models import tiny_teacher_with_tokenizer
 
 from slimmoe.cli import main
 from slimmoe.errors import UserError
-from slimmoe.lock import LOCK_FILE, output_lock, read_holder
+from slimmoe.lock import LOCK_FILE, check_output_owner, output_lock, read_holder, write_output_owner
 
 HOLD = textwrap.dedent("""
     import sys, time
@@ -64,3 +64,18 @@ def test_run_is_refused_while_another_process_holds_the_folder_then_not_after_si
     assert (out / LOCK_FILE).exists()  # the file stays, the lock does not
     with output_lock(out, what="after"):
         assert read_holder(out)["pid"] == os.getpid()
+
+
+def test_a_pipeline_may_rerun_into_its_own_folder_but_not_into_another_ones(tmp_path):
+    out = tmp_path / "out"
+    check_output_owner(out, "demo")  # not there yet
+    with output_lock(out):
+        write_output_owner(out, "demo", "teacher/model")
+    (out / "summary.json").write_text('{"name": "demo"}')
+    check_output_owner(out, "demo")  # a re-run (slimmoe demo twice)
+    with pytest.raises(UserError, match="holds the results of pipeline 'demo', not 'other'"):
+        check_output_owner(out, "other")
+    check_output_owner(out, "other", force=True)
+    (out / ".slimmoe-pipeline.json").unlink()  # a folder from before markers: summary.json names it
+    with pytest.raises(UserError, match="pipeline 'demo'"):
+        check_output_owner(out, "other")
