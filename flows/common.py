@@ -36,6 +36,11 @@ def resolve_pipeline(config: PipelineConfig) -> tuple[PipelineConfig, dict]:
         from slimmoe.schedule import format_schedule
 
         print("automatic schedule:\n" + format_schedule([s.targets() for s in cfg.stages], teacher_cfg))
+    if any(s.has_param_target() for s in cfg.stages):  # parameter targets -> sizes (slimmoe.strategies)
+        from slimmoe.strategies import format_stages, resolve_stages
+
+        cfg = resolve_stages(cfg, teacher_cfg)
+        print("sizes chosen for the parameter targets:\n" + format_stages(cfg, teacher_cfg))
     out = Path(cfg.output_dir).resolve()
     tracking = {"uri": cfg.tracking_uri(), "experiment": cfg.tracking.experiment,
                 "artifact_location": (out / "mlartifacts").as_uri(), "register_models": cfg.tracking.register_models}

@@ -31,14 +31,18 @@ def _add_prune(sub) -> None:
     p.add_argument("--expert-intermediate-size", type=int, help="target width of every expert")
     p.add_argument("--num-key-value-heads", type=int, help="target KV groups (query heads follow)")
     p.add_argument("--num-experts", type=int, help="target experts per layer (drops the lowest-scored)")
+    p.add_argument("--strategy", default="slim", choices=["slim", "drop", "slim+drop"],
+                   help="which axes reach --total-params/--active-params (default slim: expert width)")
+    p.add_argument("--total-params", help="target total parameters, e.g. 3.8e9 or 3.8B (sizes are solved)")
+    p.add_argument("--active-params", help="target active parameters (sizes are solved)")
     p.add_argument("--data", help="calibration text (file or folder); random tokens when absent")
     p.add_argument("--samples", type=int, default=64, help="calibration sequences (default 64)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sequence (default 128)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--score", default="taylor", choices=["taylor", "magnitude", "activation", "random"],
                    help="score of neurons and KV groups (default taylor)")
-    p.add_argument("--expert-score", default="taylor", choices=["taylor", "frequency", "reap", "random"],
-                   help="score of whole experts for --num-experts (default taylor)")
+    p.add_argument("--expert-score", default=None, choices=["taylor", "frequency", "reap", "random"],
+                   help="score of whole experts for --num-experts (default taylor; reap for --strategy drop/slim+drop)")
     p.add_argument("--loss", default="kd_topk_renorm", choices=["kd_topk_renorm", "kd_topk", "lm"],
                    help="loss whose sensitivity taylor scores measure (default kd_topk_renorm)")
     p.add_argument("--topk", type=int, default=8, help="teacher logits used by the KD loss")
@@ -54,17 +58,55 @@ def _run_prune(args) -> int:
     from slimmoe.config import PruneConfig
     from slimmoe.prune import prune
 
+    targets = {"expert_intermediate_size": args.expert_intermediate_size,
+               "num_key_value_heads": args.num_key_value_heads, "num_experts": args.num_experts}
+    expert_score = _strategy_expert_score(args)
+    if args.total_params is not None or args.active_params is not None:
+        targets = _solve_prune_targets(args, targets)
     cfg = PruneConfig.model_validate({
-        "targets": {"expert_intermediate_size": args.expert_intermediate_size,
-                    "num_key_value_heads": args.num_key_value_heads, "num_experts": args.num_experts},
+        "targets": targets,
         "importance": {"samples": args.samples, "seq_len": args.seq_len, "batch_size": args.batch_size,
-                       "score": args.score, "expert_score": args.expert_score, "loss": args.loss,
+                       "score": args.score, "expert_score": expert_score, "loss": args.loss,
                        "topk": args.topk, "seed": args.seed},
         "data": args.data,
     })
     result = prune(args.model, args.out, cfg, teacher_path=args.teacher, force=args.force, progress=not args.no_progress)
     print(json.dumps(result))
     return 0
+
+
+def _strategy_expert_score(args) -> str:
+    from slimmoe.pipeline_config import DROP_EXPERT_SCORES, DROP_STRATEGIES
+
+    if args.strategy not in DROP_STRATEGIES:
+        return args.expert_score or "taylor"
+    if args.expert_score not in (None, *DROP_EXPERT_SCORES):
+        raise UserError(f"--expert-score: --strategy {args.strategy} removes experts by frequency or reap, "
+                        f"got {args.expert_score}")
+    return args.expert_score or "reap"
+
+
+def _solve_prune_targets(args, explicit: dict) -> dict:
+    """--total-params / --active-params -> sizes (slimmoe.strategies), errors naming the flag."""
+    from slimmoe.config import SlimTargets
+    from slimmoe.loading import load_config
+    from slimmoe.pipeline_config import parse_param_count
+    from slimmoe.strategies import resolve_sizes
+
+    counts = {}
+    for name in ("total_params", "active_params"):
+        raw = getattr(args, name)
+        try:
+            counts[name] = None if raw is None else int(parse_param_count(raw))
+        except ValueError as e:
+            raise UserError(f"--{name.replace('_', '-')}: {e}") from None
+    try:
+        sizes = resolve_sizes(load_config(args.model), args.strategy, explicit=SlimTargets(**explicit), **counts)
+    except UserError as e:
+        msg = str(e)
+        field = msg.split(":", 1)[0]
+        raise UserError(f"--{field.replace('_', '-')}:{msg.split(':', 1)[1]}" if "_" in field else msg) from None
+    return sizes.model_dump()
 
 
 def _add_eval(sub) -> None:

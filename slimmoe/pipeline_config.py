@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -60,15 +60,92 @@ class StageSettings(StrictModel):
         return v
 
 
+Strategy = Literal["slim", "drop", "slim+drop"]
+DROP_STRATEGIES = ("drop", "slim+drop")
+DROP_EXPERT_SCORES = ("frequency", "reap")
+
+
+def parse_param_count(v: Any) -> Any:
+    """Accept 3800000000, 3.8e9, "3.8e9", "3.8B", "500M", "120K" as a parameter count."""
+    if isinstance(v, str):
+        s = v.strip().replace("_", "").upper()
+        scale = {"K": 1e3, "M": 1e6, "B": 1e9}.get(s[-1:], 1)
+        try:
+            v = float(s[:-1] if scale != 1 else s) * scale
+        except ValueError:
+            raise ValueError(f"expected a parameter count like 3800000000, 3.8e9 or 3.8B, got {v!r}") from None
+    if isinstance(v, float):
+        if not v.is_integer() and v < 1e3:
+            raise ValueError(f"expected a whole number of parameters, got {v!r}")
+        v = int(round(v))
+    return v
+
+
+def _default_reap(data: Any) -> Any:
+    """``drop`` without an explicit ``importance.expert_score`` uses ``reap`` (the default is taylor)."""
+    if not isinstance(data, dict) or data.get("strategy") not in DROP_STRATEGIES:
+        return data
+    imp = data.get("importance")
+    if imp is None:
+        return {**data, "importance": {"expert_score": "reap"}}
+    if isinstance(imp, dict) and "expert_score" not in imp:
+        return {**data, "importance": {**imp, "expert_score": "reap"}}
+    if isinstance(imp, ImportanceConfig) and "expert_score" not in imp.model_fields_set:
+        return {**data, "importance": imp.model_copy(update={"expert_score": "reap"})}
+    return data
+
+
+def _check_strategy(v: str, info) -> str:
+    imp = info.data.get("importance")
+    if v in DROP_STRATEGIES and imp is not None and imp.expert_score not in DROP_EXPERT_SCORES:
+        raise ValueError(f"{v} removes whole experts by importance.expert_score frequency or reap, got {imp.expert_score}")
+    return v
+
+
+def _check_target(v: int | None, info, sizes: dict) -> int | None:
+    """At most one of total_params / active_params; with one, only num_key_value_heads among ``sizes``."""
+    if v is None:
+        return v
+    if info.field_name == "active_params" and info.data.get("total_params") is not None:
+        raise ValueError("give total_params or active_params, not both")
+    given = [f for f in ("expert_intermediate_size", "num_experts") if sizes.get(f) is not None]
+    if given:
+        raise ValueError(f"a parameter target sets {' and '.join(given)} itself (only num_key_value_heads "
+                         "may be given with it)")
+    return v
+
+
 class StageConfig(StageSettings):
-    """One stage: prune one-shot to these sizes, then distil from the original teacher."""
+    """One stage: prune one-shot to these sizes, then distil from the original teacher.
+
+    Either explicit sizes or a parameter target (``total_params`` or ``active_params``)
+    that ``strategy`` turns into sizes (slimmoe.strategies.resolve_stages): ``slim``
+    solves the expert width, ``drop`` the number of experts, ``slim+drop`` both. With a
+    target only ``num_key_value_heads`` may be given explicitly; explicit sizes are used as
+    given (a resolved stage keeps its strategy and carries all three). ``drop`` and
+    ``slim+drop`` score whole experts by ``importance.expert_score`` frequency or reap
+    (reap when not set).
+    """
 
     name: str
     expert_intermediate_size: int | None = Field(None, gt=0)
     num_key_value_heads: int | None = Field(None, gt=0)
     num_experts: int | None = Field(None, gt=0)
+    strategy: Strategy = Field("slim", description="slim: expert width; drop: whole experts; slim+drop: both")
+    total_params: int | None = Field(None, gt=0, description="target total parameters (instead of sizes)")
+    active_params: int | None = Field(None, gt=0, description="target active parameters (instead of sizes)")
 
     _name = field_validator("name")(classmethod(lambda cls, v: _folder_name(v)))
+    _counts = field_validator("total_params", "active_params", mode="before")(
+        classmethod(lambda cls, v: parse_param_count(v)))
+
+    _reap = model_validator(mode="before")(classmethod(lambda cls, data: _default_reap(data)))
+    _strategy = field_validator("strategy")(classmethod(lambda cls, v, info: _check_strategy(v, info)))
+    _target = field_validator("total_params", "active_params")(
+        classmethod(lambda cls, v, info: _check_target(v, info, info.data)))
+
+    def has_param_target(self) -> bool:
+        return self.total_params is not None or self.active_params is not None
 
     def targets(self) -> SlimTargets:
         return SlimTargets(
@@ -79,10 +156,30 @@ class StageConfig(StageSettings):
 
 
 class ScheduleConfig(StageSettings):
-    """Automatic stages: sizes interpolated geometrically in parameters from teacher to ``final``."""
+    """Automatic stages: sizes interpolated geometrically in parameters from teacher to ``final``.
+
+    ``final`` may instead be a parameter target (``total_params`` / ``active_params``, with
+    ``strategy``, as in a stage); it is solved into sizes from the teacher first.
+    """
 
     num_stages: int = Field(2, ge=1)
-    final: SlimTargets
+    final: SlimTargets = SlimTargets()
+    strategy: Strategy = "slim"
+    total_params: int | None = Field(None, gt=0)
+    active_params: int | None = Field(None, gt=0)
+
+    _counts = field_validator("total_params", "active_params", mode="before")(
+        classmethod(lambda cls, v: parse_param_count(v)))
+    _reap = model_validator(mode="before")(classmethod(lambda cls, data: _default_reap(data)))
+    _strategy = field_validator("strategy")(classmethod(lambda cls, v, info: _check_strategy(v, info)))
+    _target = field_validator("total_params", "active_params")(
+        classmethod(lambda cls, v, info: _check_target(v, info, dict(info.data.get("final") or {}))))
+
+    @model_validator(mode="after")
+    def _final_or_target(self) -> "ScheduleConfig":
+        if self.final.is_noop() and self.total_params is None and self.active_params is None:
+            raise ValueError("give final sizes or a parameter target (total_params or active_params)")
+        return self
 
 
 class TrackingConfig(StrictModel):
@@ -136,11 +233,21 @@ def expand_schedule(cfg: PipelineConfig, teacher_config) -> PipelineConfig:
     from slimmoe.schedule import interpolate_stages
 
     sch = cfg.schedule
-    targets = interpolate_stages(teacher_config, sch.final, sch.num_stages)
+    final = sch.final
+    if sch.total_params is not None or sch.active_params is not None:
+        from slimmoe.errors import UserError
+        from slimmoe.strategies import resolve_sizes
+
+        try:
+            final = resolve_sizes(teacher_config, sch.strategy, sch.total_params, sch.active_params, sch.final)
+        except UserError as e:
+            raise UserError(f"schedule.{e}") from None
+    targets = interpolate_stages(teacher_config, final, sch.num_stages)
     stages = [
         StageConfig(
             name="final" if i == len(targets) - 1 else f"stage{i + 1}",
             **t.model_dump(),
+            strategy=sch.strategy,
             importance=sch.importance,
             distill=sch.distill,
             eval=sch.eval,
@@ -151,25 +258,40 @@ def expand_schedule(cfg: PipelineConfig, teacher_config) -> PipelineConfig:
 
 
 def check_inputs(cfg: PipelineConfig) -> None:
-    """Fail fast, before any flow starts and before anything is written: a missing, dense,
-    unsupported or pickle-only teacher; stage targets its predecessor cannot be cut to (larger,
-    not smaller, KV heads not dividing the query heads); top-k beyond the vocabulary; an
-    unreachable tracking server; a tokenizer that does not fit the teacher; a corpus that is
-    empty or shorter than one block (tokenised into the cache the flow then reuses)."""
+    """Fail fast, before any flow starts and before anything is written: everything
+    :func:`check_config` checks, then a pickle-only or truncated teacher, an unreachable
+    tracking server, a tokenizer that does not fit the teacher, and a corpus that is empty or
+    shorter than one block (tokenised into the cache the flow's prepare step then reuses)."""
+    from slimmoe import preflight
+    from slimmoe.loading import check_weights
+
+    teacher = check_config(cfg)
+    check_weights(cfg.teacher, "teacher")
+    preflight.check_tracking_uri(cfg.tracking_uri())
+    tokenizer = preflight.check_tokenizer(cfg.teacher, teacher)
+    preflight.check_corpus(cfg.data, tokenizer, teacher.vocab_size)
+
+
+def check_config(cfg: PipelineConfig):
+    """The checks that need only the teacher's config.json: a missing, dense or unsupported
+    teacher, missing data paths, top-k beyond the vocabulary, and stage targets its
+    predecessor cannot be cut to (larger, not smaller, KV heads not dividing the query
+    heads). Returns the teacher's config."""
     import copy
 
     from slimmoe import preflight
     from slimmoe.arch import get_adapter
     from slimmoe.errors import UserError
-    from slimmoe.loading import check_weights, load_config
+    from slimmoe.loading import load_config
     from slimmoe.plan import resolve_targets, source_sizes
+    from slimmoe.strategies import resolve_stages
 
     teacher = load_config(cfg.teacher, "teacher")
     adapter = get_adapter(teacher)
     for field_name, value in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
         if value and not Path(value).exists() and (Path(value).suffix or value.startswith((".", "/", "~"))):
             raise UserError(f"{field_name}: no such file or folder: {value}")
-    stages = expand_schedule(cfg, teacher).stages
+    stages = resolve_stages(expand_schedule(cfg, teacher), teacher).stages
     preflight.check_topk(stages, teacher.vocab_size)
     current = copy.deepcopy(teacher)
     for i, stage in enumerate(stages):
@@ -181,7 +303,4 @@ def check_inputs(cfg: PipelineConfig) -> None:
             preflight.check_smaller(i, source_sizes(adapter, current), t, f"stages.{i - 1}" if i else "the teacher")
         adapter.update_config(current, expert_size=t["expert_intermediate_size"], num_experts=t["num_experts"],
                               kv_heads=t["num_key_value_heads"], shared_size=t["shared_intermediate_size"])
-    check_weights(cfg.teacher, "teacher")
-    preflight.check_tracking_uri(cfg.tracking_uri())
-    tokenizer = preflight.check_tokenizer(cfg.teacher, teacher)
-    preflight.check_corpus(cfg.data, tokenizer, teacher.vocab_size)
+    return teacher

@@ -69,6 +69,28 @@ def estimate_total_params(
     return int(total)
 
 
+def estimate_active_params(
+    config,
+    expert_intermediate_size: int | None = None,
+    num_key_value_heads: int | None = None,
+    num_experts: int | None = None,
+) -> int:
+    """Active parameters (as slimmoe.evaluate.parameter_counts counts them) after slimming.
+
+    The total minus the routed experts a token does not pass through: in every MoE layer,
+    ``E - min(top_k, E)`` experts of 3*H*I each (top-k is capped at the expert count, as
+    slimming caps it). Embeddings, attention, routers, shared experts and norms are active.
+    """
+    adapter = get_adapter(config)
+    H = int(config.hidden_size)
+    I = adapter.expert_size(config) if expert_intermediate_size is None else int(expert_intermediate_size)
+    E = adapter.num_experts(config) if num_experts is None else int(num_experts)
+    idle = E - min(adapter.top_k(config), E)
+    moe_layers = sum(_is_moe_layer(config, i) for i in range(int(config.num_hidden_layers)))
+    total = estimate_total_params(config, expert_intermediate_size, num_key_value_heads, num_experts)
+    return int(total - moe_layers * idle * 3 * H * I)
+
+
 def _attention_params(config, adapter, q: dict, H: int, nq: int, kv: int) -> int:
     kv_lora = getattr(config, "kv_lora_rank", None)
     if kv_lora:  # multi-head latent attention (DeepSeek)
@@ -103,7 +125,7 @@ def interpolate_stages(teacher_config, final: SlimTargets, num_stages: int) -> l
     """``num_stages`` targets from ``teacher_config`` down to ``final`` (the last one, exactly).
 
     Fields ``final`` leaves None stay None in every stage. Sizes never grow from one stage
-    to the next; expert width is a multiple of 8 when >= 64; every KV-head count divides
+    to the next; expert width is a multiple of 8 when >= 8; every KV-head count divides
     the previous stage's query heads and leaves ``final``'s count reachable. Rounding
     can make two consecutive stages equal when there are more stages than sizes.
     """
@@ -151,10 +173,22 @@ def _solve_width(config, target: float, I0: int, If: int, kv: int, E: int) -> fl
     return If + (target - lo) * (I0 - If) / (hi - lo)
 
 
+# Expert widths are multiples of 8 from 8 up: transformers 5 runs fused experts with
+# torch's grouped_mm, whose kernels need 16-byte row strides (8 bf16 values); on CPU with
+# torch > 2.10 a width of e.g. 15 fails in a stock forward ("strides should be multiple of 16 bytes").
+WIDTH_ALIGN = 8
+
+
 def _round_width(width: float) -> int:
-    if width >= 64:
-        return int(8 * round(width / 8))
+    if width >= WIDTH_ALIGN:
+        return int(WIDTH_ALIGN * round(width / WIDTH_ALIGN))
     return max(1, int(round(width)))
+
+
+def valid_widths(source_width: int) -> list[int]:
+    """Expert widths a plan may cut ``source_width`` to, ascending: 1..7, multiples of 8, and the source's."""
+    small = range(1, min(source_width, WIDTH_ALIGN - 1) + 1)
+    return sorted({*small, *range(WIDTH_ALIGN, source_width + 1, WIDTH_ALIGN), source_width})
 
 
 def _pick_kv(target: float, prev: int, final: int, group: int) -> int:
@@ -164,21 +198,26 @@ def _pick_kv(target: float, prev: int, final: int, group: int) -> int:
     return min(ok, key=lambda v: (abs(math.log(v / target)), -v))
 
 
-def format_schedule(stages: list[SlimTargets], teacher_config) -> str:
-    """A plain-text table of the teacher and every stage: sizes and estimated total parameters."""
+def format_schedule(stages: list[SlimTargets], teacher_config, names: list[str] | None = None) -> str:
+    """A plain-text table of the teacher and every stage: sizes, estimated total and active parameters.
+
+    ``names`` labels the stages (default ``stage1`` ... ``final``).
+    """
     adapter = get_adapter(teacher_config)
     src = source_sizes(adapter, teacher_config)
     cur = {"expert_intermediate_size": src["expert_intermediate_size"],
            "num_key_value_heads": src["num_key_value_heads"], "num_experts": src["num_experts"]}
     p0 = estimate_total_params(teacher_config)
-    rows = [("teacher", cur["expert_intermediate_size"], cur["num_key_value_heads"], cur["num_experts"], p0)]
+    rows = [("teacher", cur["expert_intermediate_size"], cur["num_key_value_heads"], cur["num_experts"], p0,
+             estimate_active_params(teacher_config))]
     for i, st in enumerate(stages, 1):
         cur = {k: (v if v is not None else cur[k]) for k, v in st.model_dump().items()}
         p = estimate_total_params(teacher_config, **cur)
-        name = "final" if i == len(stages) else f"stage{i}"
-        rows.append((name, cur["expert_intermediate_size"], cur["num_key_value_heads"], cur["num_experts"], p))
-    header = ("stage", "expert width", "KV heads", "experts", "est. total params", "vs teacher")
-    body = [(r[0], str(r[1]), str(r[2]), str(r[3]), _human(r[4]), f"{r[4] / p0:.3f}") for r in rows]
+        name = names[i - 1] if names else ("final" if i == len(stages) else f"stage{i}")
+        rows.append((name, cur["expert_intermediate_size"], cur["num_key_value_heads"], cur["num_experts"], p,
+                     estimate_active_params(teacher_config, **cur)))
+    header = ("stage", "expert width", "KV heads", "experts", "est. total params", "vs teacher", "est. active params")
+    body = [(r[0], str(r[1]), str(r[2]), str(r[3]), _human(r[4]), f"{r[4] / p0:.3f}", _human(r[5])) for r in rows]
     widths = [max(len(x[c]) for x in [header, *body]) for c in range(len(header))]
     lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths)))
              for row in [header, *body]]
