@@ -13,11 +13,17 @@ from pathlib import Path
 from prefect import flow
 
 from flows.common import StageOutputs, pipeline_tasks, rerun_if_missing, resolve_pipeline, stage_row, teacher_row
+from slimmoe.loading import loading_policy
 from slimmoe.pipeline_config import PipelineConfig, StageConfig
 
 
 @flow(name="compress", log_prints=True)
 def compress(config: PipelineConfig) -> dict:
+    with loading_policy(config.trust_remote_code, config.allow_pickle):  # also when a work pool runs the flow
+        return _compress(config)
+
+
+def _compress(config: PipelineConfig) -> dict:
     cfg, tracking = resolve_pipeline(config)
     out = Path(cfg.output_dir)
     t = pipeline_tasks(out)
