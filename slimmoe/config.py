@@ -223,3 +223,6 @@ class DistillConfig(StrictModel):
     distributed: Literal["ddp", "fsdp"] = "ddp"
     log_every: int = Field(1, gt=0)
     progress: bool = True
+    nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a NaN/inf loss or gradient norm: stop with an error, or skip that batch's update")
+    max_nonfinite_skips: int = Field(10, ge=0, description="with nonfinite: skip, stop after this many skips")

@@ -17,6 +17,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from slimmoe import stages
 from slimmoe.config import DistillConfig, ImportanceConfig, SlimTargets
+from slimmoe.errors import UserError
 from tasks.caching import step_policy
 from tasks.tracking import Tracker, metric_name
 
@@ -81,7 +82,14 @@ def slim(stage: str, model: dict, scores: dict, targets: dict, settings: dict, o
     return res
 
 
+def retry_unless_user_error(task, task_run, state) -> bool:
+    """Retry crashes and transient faults, not bad settings, NaN losses or missing disk/memory:
+    those would fail again the same way (a ``UserError`` names what to change)."""
+    return not isinstance(getattr(state, "data", None), UserError)
+
+
 @task(name="distill", task_run_name="distill-{stage}", retries=2, retry_delay_seconds=1,
+      retry_condition_fn=retry_unless_user_error,
       cache_policy=step_policy("slimmoe.distill", "slimmoe.losses", "slimmoe.checkpoints", "slimmoe.stages"))
 def distill(stage: str, student: dict, teacher: dict, blocks: dict, settings: dict, out_dir: str, tracking: dict, run_id: str) -> dict:
     """Distil from the original teacher. A retry resumes from the newest checkpoint in ``out_dir``."""
