@@ -7,6 +7,7 @@ They live outside the library (which never imports Prefect or MLflow) and join t
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from slimmoe.errors import UserError
@@ -25,6 +26,8 @@ def add_run(sub) -> None:
     p.add_argument("config", metavar="CONFIG.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override any config field, e.g. --set stages.0.distill.tokens=2000")
+    p.add_argument("--force", action="store_true",
+                   help="write into output_dir even if it holds another pipeline's results")
     p.set_defaults(func=run)
 
 
@@ -37,13 +40,30 @@ def run(args) -> int:
         if hasattr(e, "errors"):  # pydantic ValidationError
             raise
         raise UserError(str(e)) from None
-    check_inputs(cfg)
-    _quiet_prefect()
-    from flows.compress import compress
+    from slimmoe.loading import loading_policy
 
-    summary = compress(cfg)
+    with loading_policy(cfg.trust_remote_code, cfg.allow_pickle):
+        check_inputs(cfg)
+        with _own_output(cfg, "slimmoe run", args.force):
+            _quiet_prefect()
+            from flows.compress import compress
+
+            summary = compress(cfg)
     print(format_summary(summary))
     return 0
+
+
+@contextmanager
+def _own_output(cfg, what: str, force: bool):
+    """Hold ``cfg.output_dir``'s lock and mark it as this pipeline's for the ``with`` block;
+    refuse another pipeline's folder (unless ``force``) before writing anything."""
+    from slimmoe.lock import check_output_owner, output_lock, write_output_owner
+
+    check_output_owner(cfg.output_dir, cfg.name, force)
+    with output_lock(cfg.output_dir, what):
+        check_output_owner(cfg.output_dir, cfg.name, force)  # again, now that no one else writes
+        write_output_owner(cfg.output_dir, cfg.name, cfg.teacher)
+        yield
 
 
 def add_demo(sub) -> None:
@@ -53,6 +73,7 @@ def add_demo(sub) -> None:
     p.add_argument("--output-dir", default="outputs/demo")
     p.add_argument("--config", default=None, help="compress config (default deployments/configs/demo.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    p.add_argument("--force", action="store_true", help="write into --output-dir even if it holds other results")
     p.set_defaults(func=demo)
 
 
@@ -69,13 +90,16 @@ def demo(args) -> int:
     from flows.teacher import teacher
     from slimmoe.teacher import TeacherConfig
 
-    teacher(TeacherConfig(corpus=root / "data" / "tinyshakespeare.txt"), output_dir=str(out / "teacher"),
-            tracking_uri=cfg.tracking_uri(), experiment=cfg.tracking.experiment)
-    summary = compress(cfg)
+    with _own_output(cfg, "slimmoe demo", args.force):  # before the teacher: it logs into output_dir's mlflow.db
+        teacher(TeacherConfig(corpus=root / "data" / "tinyshakespeare.txt"), output_dir=str(out / "teacher"),
+                tracking_uri=cfg.tracking_uri(), experiment=cfg.tracking.experiment)
+        summary = compress(cfg)
     print(format_summary(summary))
     print(f"\nsummary:  {Path(cfg.output_dir) / 'summary.json'}")
-    print(f"MLflow:   {summary['mlflow']['ui']}   then open http://127.0.0.1:5000")
-    print("Prefect:  prefect server start   then open http://127.0.0.1:4200 (runs of this demo used a temporary "
+    ui = summary["mlflow"]["ui"]
+    print(f"MLflow:   {ui} --host 127.0.0.1   then open http://127.0.0.1:5000" if ui
+          else f"MLflow:   {summary['mlflow']['tracking_uri']}")
+    print("Prefect:  prefect server start --host 127.0.0.1   then open http://127.0.0.1:4200 (runs of this demo used a temporary "
           "server unless PREFECT_API_URL was set; see README, 'Deployments')")
     return 0
 

@@ -12,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 
 from slimmoe import stages
 from slimmoe.arch import get_adapter
+from slimmoe.checkpoints import is_complete
 from slimmoe.loading import load_config
 from slimmoe.pipeline_config import PipelineConfig, expand_schedule
 from slimmoe.plan import source_sizes
@@ -55,12 +56,14 @@ def pipeline_tasks(output_dir: Path, refresh: bool = False) -> SimpleNamespace:
 
 
 def rerun_if_missing(task, *paths: str):
-    """The task, recomputing instead of using its cache when a file its result names is gone.
+    """The task, recomputing instead of using its cache when an output its result names is
+    not complete: a file that is gone, or a folder without its completion marker.
 
     A cached result is a record that points at files; deleting a stage folder (but not
-    ``.prefect-cache``) must not hand a missing path to the next step.
+    ``.prefect-cache``), or a crash that left a folder half written, must not hand a
+    missing or partial path to the next step.
     """
-    return task.with_options(refresh_cache=True) if any(not Path(p).exists() for p in paths) else task
+    return task if all(is_complete(p) for p in paths) else task.with_options(refresh_cache=True)
 
 
 @dataclass
@@ -105,4 +108,8 @@ def _sizes(s: dict) -> dict:
 
 
 def _metrics(m: dict) -> dict:
-    return {k: m[k] for k in ("total_params", "active_params", "perplexity", "tokens_per_second")}
+    """The contract's four keys, then every other number the evaluate step measured
+    (KL to the teacher, throughput at each batch size, peak memory, lm-eval scores)."""
+    keys = ("total_params", "active_params", "perplexity", "tokens_per_second")
+    extra = {k: v for k, v in m.items() if k not in keys and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {**{k: m[k] for k in keys}, **extra}

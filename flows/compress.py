@@ -13,11 +13,17 @@ from pathlib import Path
 from prefect import flow
 
 from flows.common import StageOutputs, pipeline_tasks, rerun_if_missing, resolve_pipeline, stage_row, teacher_row
+from slimmoe.loading import loading_policy
 from slimmoe.pipeline_config import PipelineConfig, StageConfig
 
 
 @flow(name="compress", log_prints=True)
 def compress(config: PipelineConfig) -> dict:
+    with loading_policy(config.trust_remote_code, config.allow_pickle):  # also when a work pool runs the flow
+        return _compress(config)
+
+
+def _compress(config: PipelineConfig) -> dict:
     cfg, tracking = resolve_pipeline(config)
     out = Path(cfg.output_dir)
     t = pipeline_tasks(out)
@@ -25,7 +31,8 @@ def compress(config: PipelineConfig) -> dict:
     teacher = t.fingerprint(cfg.teacher)
     blocks = t.prepare_data(cfg.data.model_dump(), cfg.teacher, str(out / "data"))
     parent = t.start_pipeline_run(cfg.model_dump(mode="json"), teacher, blocks, tracking)
-    teacher_metrics = t.evaluate("teacher", teacher, blocks, cfg.stages[0].eval.model_dump(), tracking, parent)
+    teacher_metrics = t.evaluate("teacher", teacher, blocks, cfg.stages[0].eval.model_dump(), tracking, parent,
+                                 teacher=teacher)  # KL of the teacher to itself: 0, not computed
     rows = [teacher_row(cfg.teacher, teacher_metrics, parent)]
 
     current = {**teacher, "version": None}
@@ -54,6 +61,6 @@ def compress_stage(t, pipeline: str, stage: StageConfig, current: dict, teacher:
     if stage.distill:
         student = rerun_if_missing(t.distill, s.model)(stage.name, small, teacher, blocks,
                                                        stage.distill.model_dump(mode="json"), s.model, tracking, run)
-    metrics = t.evaluate(stage.name, student, blocks, stage.eval.model_dump(), tracking, run)
+    metrics = t.evaluate(stage.name, student, blocks, stage.eval.model_dump(), tracking, run, teacher=teacher)
     version = t.register_stage_model(pipeline, stage.name, student, current, tracking, run)
     return stage_row(stage.name, small, student, scores, metrics, run, version), {**student, "version": version}

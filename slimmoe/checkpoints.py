@@ -6,6 +6,10 @@ position and a manifest (size + sha256) of the other files. It is written under 
 temporary name and renamed into place, so a folder with the final name is complete
 unless the disk itself lies; the manifest catches that case too. Loading walks from the
 newest folder to the oldest and skips (with a warning) any that fails to verify or load.
+
+Result folders (a slimmed model, the demo teacher, a distilled stage) carry one
+completion marker, :data:`COMPLETE_FILE`, written last; a folder without it is never
+taken as a result (:func:`is_complete`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from slimmoe.faults import crash_point
+
+COMPLETE_FILE = ".complete"
 STATE_FILE = "state.json"
 _PAYLOAD_FILES = ("model", "optimizer", "scheduler", "rng")
 
@@ -83,6 +90,7 @@ def save_checkpoint(root: Path, step: int, payload: dict[str, Any], state: dict[
             f.flush()
             os.fsync(f.fileno())
         manifest[path.name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+        crash_point("checkpoint:write")  # tests: die with the checkpoint half written
     doc = dict(state, step=step, manifest=manifest)
     with open(tmp / STATE_FILE, "w") as f:
         json.dump(doc, f, indent=1)
@@ -147,22 +155,41 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _drop_stale_temps(path)
+
+
+def mark_complete(folder: Path) -> None:
+    """Write the completion marker; call after everything else in ``folder`` is written."""
+    atomic_write_text(Path(folder) / COMPLETE_FILE, "")
+    _fsync_dir(Path(folder))
+
+
+def is_complete(path: str | Path) -> bool:
+    """A result on disk: a file that exists, or a folder holding the completion marker."""
+    p = Path(path)
+    return p.is_file() or (p.is_dir() and (p / COMPLETE_FILE).is_file())
 
 
 @contextmanager
-def replace_folder(out: Path) -> Iterator[Path]:
-    """Yield an empty temporary sibling of ``out`` to fill; when the block succeeds it takes
-    ``out``'s place (the old folder is removed only after the swap); when it fails it is
-    deleted and ``out`` is left as it was."""
+def replace_folder(out: Path, point: str | None = None) -> Iterator[Path]:
+    """Yield an empty temporary sibling of ``out`` to fill; when the block succeeds the
+    completion marker is written and the folder takes ``out``'s place (the old folder is
+    removed only after the swap); when it fails it is deleted and ``out`` is left as it was.
+    ``point`` names a :func:`~slimmoe.faults.crash_point` between filling and renaming."""
     out = Path(out)
+    if out.parent.is_dir():  # leftovers of a killed writer (another pid) are never results
+        for stale in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]:
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    mark_complete(tmp)
+    if point:
+        crash_point(point)
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     if out.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -171,14 +198,25 @@ def replace_folder(out: Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str, point: str | None = None) -> None:
+    """Write to a temporary sibling, fsync, rename over ``path``; ``point`` names a crash
+    point between the two (tests)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    if point:
+        crash_point(point)
     os.replace(tmp, path)
+    _drop_stale_temps(path)
+
+
+def _drop_stale_temps(path: Path) -> None:
+    """Temporary siblings of ``path`` left by killed writers (other pids)."""
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        stale.unlink(missing_ok=True)
 
 
 def full_model_state(fsdp: bool, acc, model, unwrapped) -> dict | None:
@@ -213,11 +251,41 @@ def load_train_state(fsdp: bool, model, unwrapped, opt, payload: dict) -> None:
         opt.load_state_dict(payload["optimizer"])
 
 
+def all_finite(obj: Any) -> bool:
+    """No NaN/inf in any floating tensor of a (nested) state dict."""
+    if isinstance(obj, torch.Tensor):
+        return not obj.is_floating_point() or bool(torch.isfinite(obj).all())
+    if isinstance(obj, dict):
+        return all(all_finite(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return all(all_finite(v) for v in obj)
+    return True
+
+
+def save_pretrained_atomic(model, out: Path, state_dict=None) -> None:
+    """save_pretrained into a temporary subfolder, then rename each file into ``out``:
+    a reader never sees a half-written weights file."""
+    for stale in Path(out).glob(".final.tmp-*"):  # left by a killed writer
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(out) / f".final.tmp-{os.getpid()}"
+    model.save_pretrained(tmp, state_dict=state_dict)
+    for f in sorted(tmp.iterdir()):
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+
+
+def _record_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):  # blank, or torn by a kill mid-write
+        return None
+
+
 def truncate_jsonl(path: Path, keep_upto: int) -> None:
-    """Drop per-step records past the resume point (written before a crash)."""
+    """Drop per-step records past the resume point (written before a crash) and torn lines."""
     if not path.is_file():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln)["step"] <= keep_upto]
+    lines = path.read_text().splitlines()
+    kept = [ln for ln in lines if _record_step(ln) is not None and _record_step(ln) <= keep_upto]
     if len(kept) != len(lines):
         atomic_write_text(path, "".join(ln + "\n" for ln in kept))

@@ -15,6 +15,14 @@ from slimmoe.errors import UserError
 EXIT_USAGE = 2
 
 
+def add_safety_flags(p: argparse.ArgumentParser) -> None:
+    """Opt-ins of slimmoe.loading's safe defaults (safetensors only, no checkpoint code)."""
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load pickle weights (pytorch_model.bin); they can run code when loaded")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run Python code shipped with a checkpoint (only for sources you trust)")
+
+
 def _add_prune(sub) -> None:
     p = sub.add_parser("prune", help="one-shot importance + slimming, no training",
                        description="Score MODEL's structures and save a slimmed checkpoint plus slim_plan.json in OUT.")
@@ -42,6 +50,7 @@ def _add_prune(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace OUT even if it is not an earlier slimmoe output")
     p.add_argument("--no-progress", action="store_true")
+    add_safety_flags(p)
     p.set_defaults(func=_run_prune)
 
 
@@ -108,6 +117,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--max-blocks", type=int, default=64, help="evaluate at most this many blocks (default 64)")
     p.add_argument("--batch-size", type=int, default=8)
+    add_safety_flags(p)
     p.set_defaults(func=_run_eval)
 
 
@@ -127,7 +137,7 @@ def _run_eval(args) -> int:
     model = load_model(args.model)
     tokenizer = load_tokenizer(args.model)
     if args.data and tokenizer is not None:
-        blocks, _ = load_blocks(args.data, tokenizer, args.seq_len, max_blocks=args.max_blocks)
+        blocks, _ = load_blocks(args.data, tokenizer, args.seq_len, max_blocks=args.max_blocks, fields=("--data", "--data"))
     else:
         logging.getLogger("slimmoe").warning(
             "evaluating on random tokens (%s): perplexity is only comparable between models on the same tokens",
@@ -156,10 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     logging.getLogger("slimmoe").setLevel(logging.INFO)
+    from slimmoe.loading import loading_policy
+
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse itself exits 2 with a usage line on bad flags
     try:
-        return int(args.func(args) or 0)
+        with loading_policy(getattr(args, "trust_remote_code", False), getattr(args, "allow_pickle", False)):
+            return int(args.func(args) or 0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

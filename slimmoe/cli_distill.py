@@ -53,6 +53,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--experts-implementation", default="auto", choices=["auto", "eager", "batched_mm", "grouped_mm"])
     p.add_argument("--distributed", default="ddp", choices=["ddp", "fsdp"])
     p.add_argument("--no-progress", action="store_true")
+    from slimmoe.cli import add_safety_flags
+
+    add_safety_flags(p)
     p.set_defaults(func=run)
     return p
 
@@ -108,6 +111,8 @@ def run(args) -> int:
         raise UserError("TEACHER: 'none' is only allowed with --loss lm")
     teacher = None if no_teacher else _check_model_dir(args.teacher, "TEACHER")
     vs = _vocab_size(student)
+    if cfg.loss != "lm" and vs is not None and cfg.topk > vs:
+        raise UserError(f"--topk: {cfg.topk} is larger than the vocabulary ({vs} tokens)")
     if teacher is not None and _vocab_size(teacher) != vs:
         raise UserError(f"TEACHER: vocab size {_vocab_size(teacher)} differs from STUDENT's {vs}")
     for name in ("data", "eval_data"):
@@ -127,9 +132,9 @@ def run(args) -> int:
 
     if PartialState().is_main_process:
         if tok_dir is not None:
-            from transformers import AutoTokenizer
+            from slimmoe.loading import load_tokenizer
 
-            AutoTokenizer.from_pretrained(str(tok_dir)).save_pretrained(str(out))
+            load_tokenizer(str(tok_dir)).save_pretrained(str(out))
         print(f"slimmoe distill: wrote {out} ({result.steps} steps, {result.tokens} tokens"
               + (f", best held-out at step {result.best_step}" if result.best_step is not None else "") + ")",
               file=sys.stderr)
@@ -152,11 +157,13 @@ def _load_data(args, tok_dir: Path | None, vocab_size: int):
         return train, evalb
     if tok_dir is None:
         raise UserError("TEACHER: no tokenizer in the teacher or student folder; needed to tokenize --data")
-    from transformers import AutoTokenizer
+    from slimmoe.loading import load_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    tok = load_tokenizer(str(tok_dir))
+    if tok is None:
+        raise UserError(f"TEACHER: the tokenizer in {tok_dir} cannot be loaded")
     train, evalb = load_blocks(args.data, tok, args.seq_len, eval_fraction=args.eval_fraction,
-                               eval_path=args.eval_data, max_blocks=args.max_blocks)
+                               eval_path=args.eval_data, max_blocks=args.max_blocks, fields=("--data", "--eval-data"))
     if train.shape[0] == 0:
         raise UserError(f"--data: {args.data} gives no block of {args.seq_len} tokens")
     if int(train.max()) >= vocab_size:
@@ -168,8 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="slimmoe")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["distill", *(sys.argv[1:] if argv is None else argv)])
+    from slimmoe.loading import loading_policy
+
     try:
-        return run(args)
+        with loading_policy(args.trust_remote_code, args.allow_pickle):
+            return run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

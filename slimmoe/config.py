@@ -6,11 +6,13 @@ Errors from these models are turned into one-line messages naming the field by
 
 from __future__ import annotations
 
+import difflib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class StrictModel(BaseModel):
@@ -60,21 +62,70 @@ class PruneConfig(StrictModel):
     importance: ImportanceConfig = ImportanceConfig()
     data: Path | None = Field(None, description="calibration text; random tokens when absent")
 
-    @model_validator(mode="after")
-    def _data_exists(self) -> "PruneConfig":
-        if self.data is not None and not Path(self.data).exists():
-            raise ValueError(f"data: no such file or folder: {self.data}")
-        return self
+    @field_validator("data")
+    @classmethod
+    def _data_exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not Path(v).exists():
+            raise ValueError(f"no such file or folder: {v}")
+        return v
 
 
 def format_validation_error(err: ValidationError) -> str:
-    """One line naming the first offending field: ``importance.samples: must be > 0``."""
+    """One line naming the first offending field: ``importance.samples: must be > 0``.
+
+    An unknown key gets the closest known one: ``stages.0.distil: unknown key (did you
+    mean 'distill'?)``.
+    """
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "config"
-    msg = first["msg"]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = " ".join(first["msg"].split())
+    if first["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")  # our validators' own words
+        if not loc:
+            return msg  # a whole-model check, which names its fields itself
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
-    return f"{loc}: {msg}"
+        known = _fields_at(_model_named(err.title), first["loc"][:-1])
+        close = difflib.get_close_matches(str(first["loc"][-1]), known, n=1, cutoff=0.6)
+        if close:
+            msg += f" (did you mean {close[0]!r}?)"
+        elif known:
+            msg += f" (known keys: {', '.join(sorted(known))})"
+    return f"{loc or 'config'}: {msg}"
+
+
+def _model_named(title: str) -> type[BaseModel] | None:
+    """The StrictModel subclass a ValidationError is about (its ``title``)."""
+    todo = [StrictModel]
+    while todo:
+        cls = todo.pop()
+        if cls.__name__ == title:
+            return cls
+        todo.extend(cls.__subclasses__())
+    return None
+
+
+def _fields_at(model: type[BaseModel] | None, loc: tuple) -> list[str]:
+    """Field names of the model reached from ``model`` by following ``loc`` (list indices skipped)."""
+    for part in loc:
+        if model is None:
+            return []
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        model = _inner_model(field.annotation) if field is not None else None
+    return list(model.model_fields) if model is not None else []
+
+
+def _inner_model(annotation) -> type[BaseModel] | None:
+    """The BaseModel inside ``X``, ``X | None`` or ``list[X]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -83,9 +134,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ValueError(f"{p}: no such config file")
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p}: cannot be read as UTF-8 text ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        data = yaml.safe_load(text)  # safe: no !!python/... tags, so reading a config runs no code
     except yaml.YAMLError as e:
-        raise ValueError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ValueError(f"{p}: not valid YAML ({' '.join(str(e).split())[:200]})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{p}: expected a mapping at the top level")
     return data
@@ -98,25 +153,37 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise ValueError(f"--set {item!r}: expected key.path=value")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            raise ValueError(f"--set {key}: value is not valid YAML ({' '.join(str(e).split())[:200]})") from None
         node: Any = data
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1]):
             if isinstance(node, list):
-                node = node[_list_index(part, key)]
-            else:
+                node = node[_list_index(part, key, len(node))]
+            elif isinstance(node, dict):
                 node = node.setdefault(part, {})
-        value = yaml.safe_load(raw) if raw != "" else None
+            else:
+                raise ValueError(f"--set {key}: {'.'.join(parts[:depth])} is a {type(node).__name__}, not a section")
+            if node is None:
+                raise ValueError(f"--set {key}: {'.'.join(parts[:depth + 1])} is null, not a section")
         if isinstance(node, list):
-            node[_list_index(parts[-1], key)] = value
-        else:
+            node[_list_index(parts[-1], key, len(node))] = value
+        elif isinstance(node, dict):
             node[parts[-1]] = value
+        else:
+            raise ValueError(f"--set {key}: {'.'.join(parts[:-1])} is a {type(node).__name__}, not a section")
     return data
 
 
-def _list_index(part: str, key: str) -> int:
+def _list_index(part: str, key: str, length: int) -> int:
     try:
-        return int(part)
+        i = int(part)
     except ValueError:
         raise ValueError(f"--set {key}: {part!r} is not a list index") from None
+    if not 0 <= i < length:
+        raise ValueError(f"--set {key}: index {i} is out of range (the list has {length} items)")
+    return i
 
 
 DistillLoss = Literal["kd_topk", "kd_topk_renorm", "kl", "lm"]
@@ -156,3 +223,6 @@ class DistillConfig(StrictModel):
     distributed: Literal["ddp", "fsdp"] = "ddp"
     log_every: int = Field(1, gt=0)
     progress: bool = True
+    nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a NaN/inf loss or gradient norm: stop with an error, or skip that batch's update")
+    max_nonfinite_skips: int = Field(10, ge=0, description="with nonfinite: skip, stop after this many skips")

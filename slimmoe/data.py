@@ -50,8 +50,12 @@ def load_blocks(
     cache_dir: str | os.PathLike | None = None,
     max_blocks: int | None = None,
     text_field: str = "text",
+    fields: tuple[str, str] = ("source", "eval_path"),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokenise ``source`` and pack it into (train [N, seq_len], eval [M, seq_len]) blocks.
+
+    ``fields`` are the names errors give ``source`` and ``eval_path`` (the caller's option
+    names, e.g. ``("data.train", "data.eval")`` or ``("--data", "--eval-data")``).
 
     Eval blocks come from ``eval_path`` when given; otherwise they are the last
     ``eval_fraction`` of the corpus's blocks (contiguous at the end, so no train text
@@ -64,9 +68,9 @@ def load_blocks(
         raise UserError(f"max_blocks: must be a positive integer or None, got {max_blocks!r}")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
 
-    blocks = _blocks_from(source, "source", tokenizer, seq_len, cache, text_field)
+    blocks = _blocks_from(source, fields[0], tokenizer, seq_len, cache, text_field)
     if eval_path is not None:
-        eval_blocks = _blocks_from(eval_path, "eval_path", tokenizer, seq_len, cache, text_field)
+        eval_blocks = _blocks_from(eval_path, fields[1], tokenizer, seq_len, cache, text_field)
         train_blocks = blocks
     else:
         n = blocks.shape[0]

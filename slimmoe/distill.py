@@ -27,12 +27,15 @@ from transformers import PreTrainedModel
 
 from slimmoe import losses
 from slimmoe.checkpoints import (
-    atomic_torch_save, atomic_write_text, capture_rng_state, full_model_state, full_train_state,
-    load_latest_checkpoint, load_train_state, restore_rng_state, save_checkpoint, truncate_jsonl,
+    all_finite, atomic_torch_save, atomic_write_text, capture_rng_state, full_model_state, full_train_state,
+    load_latest_checkpoint, load_train_state, restore_rng_state, save_checkpoint, save_pretrained_atomic,
+    truncate_jsonl,
 )
 from slimmoe.config import DistillConfig
 from slimmoe.errors import UserError
+from slimmoe.faults import crash_point, poison_loss
 from slimmoe.loading import load_model
+from slimmoe.resources import check_disk, model_bytes, oom_hint, tensor_bytes
 from slimmoe.teacher_cache import fingerprint_model, open_shared
 
 DONE_FILE = "distill_done.json"
@@ -56,6 +59,7 @@ class DistillResult:
     initial_eval: dict[str, float] | None = None
     final_eval: dict[str, float] | None = None
     already_done: bool = False
+    nonfinite_skips: int = 0
 
 
 def set_experts_implementation(model: PreTrainedModel, impl: str, device_type: str) -> str | None:
@@ -206,6 +210,16 @@ def _validate(student, teacher, train_blocks, eval_blocks, cfg: DistillConfig) -
         raise UserError(f"topk: {cfg.topk} exceeds the vocabulary size {student.config.vocab_size}")
 
 
+def _nonfinite_error(what: str, step: int, last_ck: Path | None, cfg: DistillConfig, skips: int) -> UserError:
+    where = (f"last good checkpoint: step {int(last_ck.name[5:])} ({last_ck})" if last_ck is not None
+             else "no checkpoint written yet")
+    if cfg.nonfinite == "skip":
+        fix = f"skipped {skips} bad steps already (distill.max_nonfinite_skips: {cfg.max_nonfinite_skips}); lower distill.lr"
+    else:
+        fix = "lower distill.lr (or set distill.nonfinite: skip to skip such batches)"
+    return UserError(f"distill: {what} at step {step}; {where}; {fix}")
+
+
 def distill(
     student: str | Path | PreTrainedModel,
     teacher: str | Path | PreTrainedModel | None,
@@ -268,11 +282,12 @@ def distill(
 
     ck_root = out / "checkpoints"
     state: dict[str, Any] = {"best_metric": None, "best_step": None, "bad_evals": 0, "initial_eval": None,
-                             "last_eval": None, "stopped_early": False}
-    start_step, resumed = 0, None
+                             "last_eval": None, "stopped_early": False, "nonfinite_skips": 0}
+    start_step, resumed, last_ck = 0, None, None
     found = load_latest_checkpoint(ck_root)
     if found is not None:
         path, saved, payload = found
+        last_ck = path
         load_train_state(fsdp, model, unwrapped, opt, payload)
         sched.load_state_dict(payload["scheduler"])
         restore_rng_state(payload["rng"])
@@ -301,8 +316,11 @@ def distill(
         if metrics_callback is not None and acc.is_main_process:
             metrics_callback(step, metrics)
 
+    oom_settings = {"micro_batch_size": micro, "chunk_size": cfg.chunk_size, "eval_batch_size": cfg.eval_batch_size}
+
     def run_eval(step: int) -> dict[str, float]:
-        metrics = evaluate(model, t_model, eval_blocks, cfg, acc)
+        with oom_hint("distill", oom_settings):
+            metrics = evaluate(model, t_model, eval_blocks, cfg, acc)
         log(step, metrics)
         return metrics
 
@@ -329,29 +347,48 @@ def distill(
             ids = train_blocks[rows].to(acc.device)
             torch.manual_seed(micro_seed(cfg.seed, step, g))
             ctx = acc.no_sync(model) if j < accum - 1 else contextlib.nullcontext()
-            with ctx:
-                loss = _micro_loss(model, teacher, ids, rows, cfg, acc)
+            with ctx, oom_hint("distill", oom_settings):
+                loss = poison_loss(_micro_loss(model, teacher, ids, rows, cfg, acc), step + 1)
                 acc.backward(loss / accum)
             step_loss += loss.detach() / accum
         grad_norm = None
         if cfg.max_grad_norm is not None:
             grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
         mean_loss = (acc.reduce(step_loss, reduction="mean") if world > 1 else step_loss).item()
+        bad = None
+        if not math.isfinite(mean_loss):
+            bad = "non-finite loss"
+        elif grad_norm is not None and not math.isfinite(float(grad_norm)):
+            bad = "non-finite gradient norm"
+        if bad is not None:  # the update is dropped: parameters and optimizer state stay finite
+            opt.zero_grad(set_to_none=True)
+            if cfg.nonfinite == "stop" or state["nonfinite_skips"] >= cfg.max_nonfinite_skips:
+                bar.close()
+                raise _nonfinite_error(bad, step + 1, last_ck, cfg, state["nonfinite_skips"])
+            state["nonfinite_skips"] += 1
+            with warnings.catch_warnings():  # "scheduler before optimizer" when step 1 is skipped
+                warnings.simplefilter("ignore", UserWarning)
+                sched.step()  # the lr stays a function of the step number
+        else:
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        step += 1
         tokens_run += cfg.batch_size * seq_len
         tok_s = tokens_run / max(time.perf_counter() - t0, 1e-9)
-        record = {"step": step, "loss": mean_loss, "lr": sched.get_last_lr()[0], "tokens": step * cfg.batch_size * seq_len}
-        if grad_norm is not None:
+        record = {"step": step, "loss": mean_loss if bad is None else None, "lr": sched.get_last_lr()[0],
+                  "tokens": step * cfg.batch_size * seq_len}
+        if grad_norm is not None and bad is None:
             record["grad_norm"] = float(grad_norm)
+        if bad is not None:
+            record["skipped"] = bad
+            log(step, {"nonfinite_skips": state["nonfinite_skips"]})
         if acc.is_main_process:
             with open(out / LOSSES_FILE, "a") as f:
                 f.write(json.dumps(record) + "\n")
             bar.update(1)
             bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tok_s:,.0f}")
-        if step % cfg.log_every == 0:
+        if step % cfg.log_every == 0 and bad is None:
             log(step, {"loss": mean_loss, "lr": record["lr"], "tokens_per_second": tok_s})
         if do_eval and (step % cfg.eval_every == 0 or step == total_steps):
             state["last_eval"] = m = run_eval(step)
@@ -367,12 +404,19 @@ def distill(
                     state["stopped_early"] = True
         if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0) and step < total_steps:
             model_sd, opt_sd = full_train_state(fsdp, acc, model, unwrapped, opt)
+            finite = all_finite(unwrapped.state_dict() if model_sd is None else model_sd) and all_finite(
+                opt.state_dict() if opt_sd is None else opt_sd)
+            if not finite:  # every rank decides alike (DDP replicas hold the same state)
+                raise _nonfinite_error("parameters or optimizer state hold NaN/inf (checkpoint not written)",
+                                       step, last_ck, cfg, state["nonfinite_skips"])
             if acc.is_main_process:
                 payload = {"model": model_sd, "optimizer": opt_sd, "scheduler": sched.state_dict(),
                            "rng": capture_rng_state()}
-                save_checkpoint(ck_root, step, payload, dict(state, config=cfg.model_dump(mode="json")),
-                                cfg.keep_checkpoints)
+                check_disk(ck_root, tensor_bytes(payload))
+                last_ck = save_checkpoint(ck_root, step, payload, dict(state, config=cfg.model_dump(mode="json")),
+                                          cfg.keep_checkpoints)
             acc.wait_for_everyone()
+        crash_point("distill", step=step)  # tests: die after this step (and its checkpoint)
     bar.close()
 
     acc.wait_for_everyone()
@@ -382,11 +426,15 @@ def distill(
     result = DistillResult(out_dir=str(out), steps=step, tokens=step * cfg.batch_size * seq_len,
                            resumed_from_step=resumed, best_step=state["best_step"], best_metric=state["best_metric"],
                            stopped_early=state["stopped_early"], initial_eval=state["initial_eval"],
-                           final_eval=state["last_eval"])
+                           final_eval=state["last_eval"], nonfinite_skips=state["nonfinite_skips"])
     if acc.is_main_process:
         if cfg.gradient_checkpointing:
             unwrapped.activation_checkpointing_disable()
-        unwrapped.save_pretrained(out, state_dict=final_sd)
+        if not all_finite(final_sd if final_sd is not None else unwrapped.state_dict()):
+            raise _nonfinite_error("final parameters hold NaN/inf (model not written)", step, last_ck, cfg,
+                                   state["nonfinite_skips"])
+        check_disk(out, tensor_bytes(final_sd) if final_sd is not None else model_bytes(unwrapped))
+        save_pretrained_atomic(unwrapped, out, final_sd)
         atomic_write_text(out / DONE_FILE, json.dumps(asdict(result), indent=1))
     acc.wait_for_everyone()
     return result

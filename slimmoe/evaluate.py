@@ -1,4 +1,5 @@
-"""Perplexity on held-out blocks, total / active parameter counts, forward throughput.
+"""Perplexity on held-out blocks, KL to the teacher, total / active parameter counts,
+throughput and peak memory (the last two in ``slimmoe.evaluate_extra``).
 
 Active parameters are those one token passes through: embeddings (input and output,
 counted once when tied), attention, norms, routers, shared experts and dense MLPs, plus
@@ -8,6 +9,7 @@ as in the Phi-3.5-MoE / Phi-mini-MoE model cards (6.6B / 2.4B active include the
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -71,9 +73,57 @@ def tokens_per_second(model: nn.Module, batch: torch.Tensor, repeats: int = 3) -
     return batch.numel() / best
 
 
-def evaluate(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, progress: bool = False) -> dict:
-    """The JSON object `slimmoe eval` prints."""
-    out = {"perplexity": perplexity(model, blocks, batch_size, progress)}
-    out.update(parameter_counts(model))
-    out["tokens_per_second"] = tokens_per_second(model, blocks[:batch_size])
+@torch.no_grad()
+def kl_to_teacher(model: nn.Module, teacher: nn.Module, blocks: torch.Tensor, batch_size: int = 8,
+                  chunk_size: int = 1024, progress: bool = False) -> float:
+    """Full-vocabulary KL(teacher || model), mean per token over every position of every block.
+
+    The vocabulary-sized softmaxes are taken ``chunk_size`` positions at a time
+    (``losses.kl_loss``), so memory beyond the two models' logits does not grow with
+    vocab x sequence.
+    """
+    from slimmoe.losses import kl_loss
+
+    if blocks.numel() == 0:
+        raise ValueError("kl_to_teacher needs at least one block")
+    modes = model.training, teacher.training
+    model.eval()
+    teacher.eval()
+    device, t_device = next(model.parameters()).device, next(teacher.parameters()).device
+    total, count = 0.0, 0
+    for ids in tqdm(blocks.split(batch_size), desc="kl", unit="batch", disable=not progress):
+        s_logits = model(input_ids=ids.to(device)).logits
+        t_logits = teacher(input_ids=ids.to(t_device)).logits.to(device)
+        total += kl_loss(s_logits, t_logits, chunk_size=chunk_size).item() * ids.numel()
+        count += ids.numel()
+    model.train(modes[0])
+    teacher.train(modes[1])
+    return total / count
+
+
+def evaluate(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, progress: bool = False, *,
+             teacher: nn.Module | None = None, throughput_batch_sizes=(), generation_tokens: int = 0,
+             generation_prompt_tokens: int = 32, peak_memory: bool = False) -> dict:
+    """The JSON object `slimmoe eval` prints (perplexity, total_params, active_params,
+    tokens_per_second), plus on request:
+
+    * ``kl_to_teacher`` when a teacher is given;
+    * ``forward_tokens_per_second_b{n}`` for each n of ``throughput_batch_sizes``, and
+      ``generate_tokens_per_second_b{n}`` when ``generation_tokens`` > 0;
+    * ``peak_memory_bytes``: weights + peak working memory of perplexity, throughput and
+      generation (not of the KL pass, which also holds the teacher); see evaluate_extra.
+    """
+    from slimmoe.evaluate_extra import PeakMemory, model_bytes, throughput_metrics
+
+    mem = PeakMemory(next(model.parameters()).device) if peak_memory else contextlib.nullcontext()
+    with mem:
+        out = {"perplexity": perplexity(model, blocks, batch_size, progress)}
+        out.update(parameter_counts(model))
+        out["tokens_per_second"] = tokens_per_second(model, blocks[:batch_size])
+        out.update(throughput_metrics(model, blocks, throughput_batch_sizes, generation_tokens,
+                                      generation_prompt_tokens))
+    if peak_memory and mem.growth is not None:  # None: RSS unreadable on this platform
+        out["peak_memory_bytes"] = model_bytes(model) + max(mem.growth, 0)
+    if teacher is not None:
+        out["kl_to_teacher"] = kl_to_teacher(model, teacher, blocks, batch_size, progress=progress)
     return out

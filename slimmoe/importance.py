@@ -30,6 +30,7 @@ from slimmoe.arch import MoEAdapter, MoEBlock, get_adapter
 from slimmoe.checkpoints import atomic_torch_save
 from slimmoe.config import ImportanceConfig
 from slimmoe.errors import UserError
+from slimmoe.resources import oom_hint
 
 
 @dataclass
@@ -307,13 +308,14 @@ def estimate_importance(
         if needs_forward:
             device = next(model.parameters()).device
             batches = blocks.split(cfg.batch_size)
-            for ids in tqdm(batches, desc="importance", unit="batch", disable=not progress):
-                ids = ids.to(device)
-                if needs_grad:
-                    calibration_loss(model, ids, cfg, teacher).backward()
-                else:
-                    with torch.no_grad():
-                        model(input_ids=ids)
+            with oom_hint("importance", {"batch_size": cfg.batch_size, "seq_len": blocks.shape[1]}):
+                for ids in tqdm(batches, desc="importance", unit="batch", disable=not progress):
+                    ids = ids.to(device)
+                    if needs_grad:
+                        calibration_loss(model, ids, cfg, teacher).backward()
+                    else:
+                        with torch.no_grad():
+                            model(input_ids=ids)
     finally:
         scorer.remove()
         for p, f in flags.items():

@@ -38,8 +38,35 @@ class DataConfig(StrictModel):
 
 
 class EvalConfig(StrictModel):
-    max_blocks: int = Field(64, gt=0, description="held-out blocks used for perplexity")
+    """What the evaluate step measures (README "Evaluation")."""
+
+    max_blocks: int = Field(64, gt=0, description="held-out blocks used for perplexity and KL")
     batch_size: int = Field(8, gt=0)
+    kl_to_teacher: bool = Field(True, description="full-vocabulary KL(teacher || model) on the held-out blocks")
+    throughput_batch_sizes: list[int] = Field(default_factory=lambda: [1, 8],
+                                              description="batch sizes of the forward / generation tokens/s")
+    generation: bool = Field(True, description="measure greedy generation tokens/s")
+    generation_tokens: int = Field(32, gt=0, description="new tokens generated per sequence")
+    generation_prompt_tokens: int = Field(32, gt=0, description="prompt length (first tokens of held-out blocks)")
+    peak_memory: bool = True
+    lm_eval_tasks: list[str] = Field(default_factory=list, description="lm-evaluation-harness tasks (pip install slimmoe[eval])")
+    lm_eval_limit: int | float | None = Field(None, gt=0, description="items per task; a float < 1 is a fraction")
+    lm_eval_batch_size: int = Field(8, gt=0)
+    lm_eval_include_path: str | None = Field(None, description="folder of extra (local) lm-eval task YAMLs")
+
+    @field_validator("throughput_batch_sizes")
+    @classmethod
+    def _sizes(cls, v: list[int]) -> list[int]:
+        if any(n <= 0 for n in v) or len(set(v)) != len(v):
+            raise ValueError(f"must be distinct positive integers, got {v}")
+        return v
+
+    @field_validator("lm_eval_tasks")
+    @classmethod
+    def _tasks(cls, v: list[str]) -> list[str]:
+        if any(not t.strip() for t in v):
+            raise ValueError("task names must not be empty")
+        return v
 
 
 class StageSettings(StrictModel):
@@ -197,6 +224,8 @@ class PipelineConfig(StrictModel):
     schedule: ScheduleConfig | None = None
     tracking: TrackingConfig = TrackingConfig()
     seed: int = 0
+    trust_remote_code: bool = Field(False, description="run Python code shipped with the teacher's checkpoint")
+    allow_pickle: bool = Field(False, description="load pickle weights (pytorch_model.bin); safetensors only when false")
 
     _name = field_validator("name")(classmethod(lambda cls, v: _folder_name(v)))
 
@@ -256,27 +285,49 @@ def expand_schedule(cfg: PipelineConfig, teacher_config) -> PipelineConfig:
 
 
 def check_inputs(cfg: PipelineConfig) -> None:
-    """Fail fast, before any flow starts: a missing teacher or data file, a dense teacher, or a
-    stage whose targets its predecessor cannot be cut to (larger, bad KV count, unsupported)."""
+    """Fail fast, before any flow starts and before anything is written: everything
+    :func:`check_config` checks, then a pickle-only or truncated teacher, an unreachable
+    tracking server, a tokenizer that does not fit the teacher, and a corpus that is empty or
+    shorter than one block (tokenised into the cache the flow's prepare step then reuses)."""
+    from slimmoe import preflight
+    from slimmoe.loading import check_weights
+
+    teacher = check_config(cfg)
+    check_weights(cfg.teacher, "teacher")
+    preflight.check_tracking_uri(cfg.tracking_uri())
+    tokenizer = preflight.check_tokenizer(cfg.teacher, teacher)
+    preflight.check_corpus(cfg.data, tokenizer, teacher.vocab_size)
+
+
+def check_config(cfg: PipelineConfig):
+    """The checks that need only the teacher's config.json: a missing, dense or unsupported
+    teacher, missing data paths, top-k beyond the vocabulary, and stage targets its
+    predecessor cannot be cut to (larger, not smaller, KV heads not dividing the query
+    heads). Returns the teacher's config."""
     import copy
 
+    from slimmoe import preflight
     from slimmoe.arch import get_adapter
     from slimmoe.errors import UserError
     from slimmoe.loading import load_config
-    from slimmoe.plan import resolve_targets
+    from slimmoe.plan import resolve_targets, source_sizes
+    from slimmoe.strategies import resolve_stages
 
     teacher = load_config(cfg.teacher, "teacher")
     adapter = get_adapter(teacher)
     for field_name, value in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
         if value and not Path(value).exists() and (Path(value).suffix or value.startswith((".", "/", "~"))):
             raise UserError(f"{field_name}: no such file or folder: {value}")
+    stages = resolve_stages(expand_schedule(cfg, teacher), teacher).stages
+    preflight.check_topk(stages, teacher.vocab_size)
     current = copy.deepcopy(teacher)
-    from slimmoe.strategies import resolve_stages
-
-    for i, stage in enumerate(resolve_stages(expand_schedule(cfg, teacher), teacher).stages):
+    for i, stage in enumerate(stages):
         try:
             t = resolve_targets(adapter, current, stage.targets())
         except UserError as e:
             raise UserError(f"stages.{i}.{e}") from None
+        if cfg.schedule is None:
+            preflight.check_smaller(i, source_sizes(adapter, current), t, f"stages.{i - 1}" if i else "the teacher")
         adapter.update_config(current, expert_size=t["expert_intermediate_size"], num_experts=t["num_experts"],
                               kv_heads=t["num_key_value_heads"], shared_size=t["shared_intermediate_size"])
+    return teacher

@@ -25,7 +25,7 @@ def calibration_blocks(cfg: PruneConfig, tokenizer, vocab_size: int) -> torch.Te
     """Token blocks for scoring: the text in ``cfg.data`` or, failing that, random tokens."""
     imp = cfg.importance
     if cfg.data is not None and tokenizer is not None:
-        blocks, _ = load_blocks(cfg.data, tokenizer, imp.seq_len, max_blocks=imp.samples)
+        blocks, _ = load_blocks(cfg.data, tokenizer, imp.seq_len, max_blocks=imp.samples, fields=("--data", "--data"))
         if blocks.shape[0] < imp.samples:
             log.warning("data: %s holds %d blocks of %d tokens, fewer than samples=%d", cfg.data, blocks.shape[0], imp.seq_len, imp.samples)
         return blocks
@@ -52,6 +52,8 @@ def prune(model_path: str, out: str | Path, cfg: PruneConfig, teacher_path: str 
     config = load_config(model_path)
     adapter = get_adapter(config)
     resolve_targets(adapter, config, cfg.targets)  # bad targets fail before any weight is loaded
+    if cfg.importance.loss != "lm" and cfg.importance.topk > config.vocab_size:
+        raise UserError(f"--topk: {cfg.importance.topk} is larger than MODEL's vocabulary ({config.vocab_size} tokens)")
     model = load_model(model_path)
     teacher = load_model(teacher_path, "TEACHER") if teacher_path else None
     tokenizer = load_tokenizer(model_path)

@@ -18,6 +18,7 @@ from slimmoe.arch import MoEAdapter, get_adapter
 from slimmoe.checkpoints import replace_folder
 from slimmoe.errors import UserError
 from slimmoe.plan import LayerPlan, SlimPlan
+from slimmoe.resources import check_disk, model_bytes
 
 
 def _idx(ids: list[int], device) -> torch.Tensor:
@@ -178,9 +179,10 @@ def save_slimmed(model: nn.Module, plan: SlimPlan, out: str | Path, tokenizer=No
     """Save with ``save_pretrained`` into a temporary sibling folder, then swap it in for ``out``.
 
     ``extra`` maps file names to writers (``writer(path)``) for side files such as scores.
-    An interrupted save leaves ``out`` as it was.
+    An interrupted save leaves ``out`` as it was; a finished one holds the completion marker.
     """
-    with replace_folder(Path(out)) as tmp:
+    check_disk(Path(out), model_bytes(model))
+    with replace_folder(Path(out), point="slim:write") as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
 import torch
 
 from slimmoe.arch import get_adapter
-from slimmoe.checkpoints import atomic_torch_save, atomic_write_text
+from slimmoe.checkpoints import atomic_torch_save, atomic_write_text, is_complete, mark_complete
 from slimmoe.config import DistillConfig, ImportanceConfig, SlimTargets
 from slimmoe.data import data_fingerprint, load_blocks
 from slimmoe.evaluate import evaluate, parameter_counts
+from slimmoe.faults import crash_point
 from slimmoe.importance import ImportanceScores, estimate_importance, wanted_for
 from slimmoe.loading import TOKENIZER_FILES, load_model, load_tokenizer
 from slimmoe.plan import PLAN_FILE, SlimPlan, build_plan
+from slimmoe.resources import oom_hint
 from slimmoe.slim import apply_plan, save_slimmed
 
 INPUTS_FILE = "distill_inputs.json"  # what the run in a distill folder was started from
@@ -90,6 +93,7 @@ def score(model_dir: str, teacher_dir: str | None, blocks_path: str, cfg: Import
     teacher = load_model(teacher_dir, "teacher") if teacher_dir else None
     train, _ = load_prepared(blocks_path)
     scores = estimate_importance(model, train, cfg, teacher=teacher, want=want, progress=progress)
+    crash_point("importance")  # tests: die with the scores computed but not saved
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     scores.save(out_path)
@@ -111,6 +115,8 @@ def distill_stage(student_dir: str, teacher_dir: str, blocks_path: str, cfg: Dis
                   metrics_callback=None) -> dict:
     """Distil; resumes from ``out_dir/checkpoints`` when called again after a failure.
 
+    ``out_dir`` gets the completion marker only after the model, tokenizer and plan are in it.
+
     A folder left by a run with other inputs (student, teacher, data or settings) is
     cleared first, so its checkpoints are never resumed into a different run.
     """
@@ -131,20 +137,53 @@ def distill_stage(student_dir: str, teacher_dir: str, blocks_path: str, cfg: Dis
                      metrics_callback=metrics_callback)
     for name in TOKENIZER_FILES + (PLAN_FILE,):
         src = Path(student_dir) / name
-        if src.exists() and not (Path(out_dir) / name).exists():
-            shutil.copy2(src, Path(out_dir) / name)
+        if src.exists() and not (out / name).exists():
+            shutil.copy2(src, out / f".{name}.tmp")
+            os.replace(out / f".{name}.tmp", out / name)
+    if not is_complete(out):
+        mark_complete(out)  # last: the folder is now a result (flows check this, not mere existence)
     from dataclasses import asdict
 
     return {**model_ref(out_dir), "distill": asdict(result)}
 
 
-def evaluate_stage(model_dir: str, blocks_path: str, max_blocks: int = 64, batch_size: int = 8) -> dict:
-    """Held-out perplexity, parameter counts and forward throughput (train blocks if no held-out)."""
-    model = load_model(model_dir)
+def evaluate_stage(model_dir: str, blocks_path: str, max_blocks: int = 64, batch_size: int = 8,
+                   teacher_dir: str | None = None, **options) -> dict:
+    """Held-out perplexity (train blocks if no held-out), parameter counts, throughput, peak
+    memory, KL to ``teacher_dir`` and lm-eval tasks, as ``options`` (``EvalConfig`` fields) ask.
+
+    KL is 0.0 without a forward pass when the model is the teacher; it is left out when
+    no teacher is given or ``kl_to_teacher`` is false. The model runs on CUDA when present.
+    """
+    from slimmoe.pipeline_config import EvalConfig
+
+    crash_point("evaluate")  # tests: die mid-pipeline, after the stage's model is complete
+
+    cfg = EvalConfig(max_blocks=max_blocks, batch_size=batch_size, **options)
+    device = "cuda" if torch.cuda.is_available() else None
+    model = load_model(model_dir, device=device)
     train, held = load_prepared(blocks_path)
     split = "eval" if held.numel() else "train"
-    blocks = (held if held.numel() else train)[:max_blocks]
-    return {**evaluate(model, blocks, batch_size), "perplexity_split": split}
+    blocks = (held if held.numel() else train)[: cfg.max_blocks]
+    is_teacher = teacher_dir is not None and Path(teacher_dir).resolve() == Path(model_dir).resolve()
+    teacher = None
+    if cfg.kl_to_teacher and teacher_dir is not None and not is_teacher:
+        teacher = load_model(teacher_dir, "teacher", device=device)
+    with oom_hint("eval", {"batch_size": cfg.batch_size, "throughput_batch_sizes": cfg.throughput_batch_sizes}):
+        metrics = evaluate(model, blocks, cfg.batch_size, teacher=teacher,
+                           throughput_batch_sizes=cfg.throughput_batch_sizes,
+                           generation_tokens=cfg.generation_tokens if cfg.generation else 0,
+                           generation_prompt_tokens=cfg.generation_prompt_tokens, peak_memory=cfg.peak_memory)
+    if cfg.kl_to_teacher and is_teacher:
+        metrics["kl_to_teacher"] = 0.0
+    del model, teacher
+    if cfg.lm_eval_tasks:
+        from slimmoe.lm_eval_hook import run_lm_eval
+
+        scores = run_lm_eval(model_dir, cfg.lm_eval_tasks, cfg.lm_eval_limit, cfg.lm_eval_batch_size,
+                             cfg.lm_eval_include_path)
+        metrics.update({f"lm_eval/{k}": v for k, v in scores.items()})
+    return {**metrics, "perplexity_split": split}
 
 
 def plan_of(model_dir: str | Path) -> SlimPlan | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 
 NOT_CACHE_INPUTS = ("run_id", "tracking")
+logger = logging.getLogger("slimmoe")
 
 
 @dataclass
@@ -46,10 +48,46 @@ def cache_dir(output_dir: str | Path) -> Path:
     return Path(output_dir).resolve() / ".prefect-cache"
 
 
+def drop_broken_records(where: Path) -> list[Path]:
+    """Delete cache records that cannot be read back; returns the key files removed.
+
+    Prefect writes a record as two plain (non-atomic) files, the result under
+    ``results/`` and then its metadata under ``keys/``. A kill while it writes leaves a
+    torn file: torn metadata already reads as a cache miss, but torn result bytes behind
+    intact metadata would fail the cached step on the next run. Removing such a record
+    turns it into a miss, so the step is recomputed.
+    """
+    from prefect._internal.result_records import ResultRecord, ResultRecordMetadata
+
+    removed = []
+    keys = Path(where) / "keys"
+    for key in sorted(keys.iterdir()) if keys.is_dir() else []:
+        if not key.is_file():
+            continue
+        result_file = None
+        try:
+            meta_bytes = key.read_bytes()
+            meta = ResultRecordMetadata.load_bytes(meta_bytes)
+            result_file = Path(meta.storage_key) if meta.storage_key else None
+            if result_file is not None and not result_file.is_absolute():
+                result_file = Path(where) / "results" / result_file
+            ResultRecord.deserialize_from_result_and_metadata(result=result_file.read_bytes(), metadata=meta_bytes)
+        except Exception as e:  # noqa: BLE001 - anything unreadable is a miss
+            logger.warning("dropping unreadable cache record %s (%s: %s)", key.name, type(e).__name__,
+                           str(e).splitlines()[0][:120] if str(e) else "")
+            key.unlink(missing_ok=True)
+            if result_file is not None:
+                result_file.unlink(missing_ok=True)
+            removed.append(key)
+    return removed
+
+
 def bind_cache(task, output_dir: str | Path, refresh: bool = False):
-    """The task with its results and cache keys stored under the pipeline's output folder."""
+    """The task with its results and cache keys stored under the pipeline's output folder
+    (records that a crash left unreadable are dropped first, see :func:`drop_broken_records`)."""
     where = cache_dir(output_dir)
     where.mkdir(parents=True, exist_ok=True)
+    drop_broken_records(where)
     policy = task.cache_policy.configure(key_storage=where / "keys") if hasattr(task.cache_policy, "configure") else task.cache_policy
     return task.with_options(result_storage=where / "results", cache_policy=policy, persist_result=True,
                              refresh_cache=refresh)

@@ -70,7 +70,7 @@ def summarize(config: dict, rows: list[dict], tracking: dict, parent_run_id: str
         "tracking_uri": tracking["uri"], "experiment": tracking["experiment"], "parent_run_id": parent_run_id,
         "ui": tr.ui_command()}, "stages": rows}
     out = Path(config["output_dir"]) / SUMMARY_FILE
-    atomic_write_text(out, json.dumps(summary, indent=1))
+    atomic_write_text(out, json.dumps(summary, indent=1), point="summary:write")
     tr.log_summary(parent_run_id, rows)
     tr.finish(parent_run_id)
     create_table_artifact(key=_artifact_key(config["name"], "summary"), table=rows,

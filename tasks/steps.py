@@ -17,6 +17,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from slimmoe import stages
 from slimmoe.config import DistillConfig, ImportanceConfig, SlimTargets
+from slimmoe.errors import UserError
 from tasks.caching import step_policy
 from tasks.tracking import Tracker, metric_name
 
@@ -81,7 +82,14 @@ def slim(stage: str, model: dict, scores: dict, targets: dict, settings: dict, o
     return res
 
 
+def retry_unless_user_error(task, task_run, state) -> bool:
+    """Retry crashes and transient faults, not bad settings, NaN losses or missing disk/memory:
+    those would fail again the same way (a ``UserError`` names what to change)."""
+    return not isinstance(getattr(state, "data", None), UserError)
+
+
 @task(name="distill", task_run_name="distill-{stage}", retries=2, retry_delay_seconds=1,
+      retry_condition_fn=retry_unless_user_error,
       cache_policy=step_policy("slimmoe.distill", "slimmoe.losses", "slimmoe.checkpoints", "slimmoe.stages"))
 def distill(stage: str, student: dict, teacher: dict, blocks: dict, settings: dict, out_dir: str, tracking: dict, run_id: str) -> dict:
     """Distil from the original teacher. A retry resumes from the newest checkpoint in ``out_dir``."""
@@ -108,20 +116,27 @@ def distill(stage: str, student: dict, teacher: dict, blocks: dict, settings: di
     return res
 
 
-@task(name="evaluate", task_run_name="evaluate-{stage}", cache_policy=step_policy("slimmoe.evaluate", "slimmoe.stages"))
-def evaluate(stage: str, model: dict, blocks: dict, settings: dict, tracking: dict, run_id: str) -> dict:
-    """Held-out perplexity, total / active parameters and throughput of the stage's model."""
-    metrics = stages.evaluate_stage(model["path"], blocks["path"], settings["max_blocks"], settings["batch_size"])
+@task(name="evaluate", task_run_name="evaluate-{stage}",
+      cache_policy=step_policy("slimmoe.evaluate", "slimmoe.evaluate_extra", "slimmoe.lm_eval_hook", "slimmoe.stages"))
+def evaluate(stage: str, model: dict, blocks: dict, settings: dict, tracking: dict, run_id: str,
+             teacher: dict | None = None) -> dict:
+    """Held-out perplexity and KL to the teacher, total / active parameters, throughput,
+    peak memory and lm-eval scores of the stage's model."""
+    metrics = stages.evaluate_stage(model["path"], blocks["path"], teacher_dir=teacher["path"] if teacher else None,
+                                    **settings)
     tr = tracker(tracking)
     if blocks["eval_blocks"]:
         tr.log_dataset(run_id, "eval", blocks["source"], blocks["fingerprint"], blocks["eval_blocks"], blocks["seq_len"], "eval")
-    tr.log_metrics(run_id, {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    tr.log_metrics(run_id, {(k if "/" in k else f"eval/{k}"): v for k, v in numeric.items()})
     create_table_artifact(key=_artifact_key("stage", stage, "metrics"), table=[{"stage": stage, **metrics}],
                           description=f"Sizes and metrics of stage {stage}")
+    kl = metrics.get("kl_to_teacher")
     create_markdown_artifact(
         key=_artifact_key("stage", stage, "summary"),
         markdown=f"### Stage `{stage}`\n\n* model: `{model['path']}`\n* perplexity: {metrics['perplexity']:.3f}\n"
-                 f"* total / active parameters: {metrics['total_params']:,} / {metrics['active_params']:,}\n"
+                 + (f"* KL(teacher || model): {kl:.4f} nats/token\n" if kl is not None else "")
+                 + f"* total / active parameters: {metrics['total_params']:,} / {metrics['active_params']:,}\n"
                  f"* MLflow run: [{run_id}]({tr.run_url(run_id)})\n",
     )
     return metrics

@@ -21,7 +21,7 @@ def message(data: dict) -> str:
 
 
 def test_unknown_key_is_named():
-    assert message({"importance": {"sampels": 4}}) == "importance.sampels: unknown key"
+    assert message({"importance": {"sampels": 4}}) == "importance.sampels: unknown key (did you mean 'samples'?)"
 
 
 @pytest.mark.parametrize("data,field", [
