@@ -149,6 +149,6 @@ def _scratch(t, shape: StageConfig, stage: StageConfig, seed: int, teacher: dict
     run = t.start_stage_run(arm_run, stage.model_dump(mode="json"), init, teacher, blocks, tracking)
     student = rerun_if_missing(t.distill, s.model)(stage.name, init, teacher, blocks,
                                                    stage.distill.model_dump(mode="json"), s.model, tracking, run)
-    metrics = t.evaluate(stage.name, student, blocks, stage.eval.model_dump(), tracking, run)
+    metrics = t.evaluate(stage.name, student, blocks, stage.eval.model_dump(), tracking, run, teacher=teacher)
     t.register_stage_model("scratch", stage.name, student, init, tracking.copy() | {"register_models": False}, run)
     return stage_row(stage.name, small, student, {}, metrics, run, None), student
