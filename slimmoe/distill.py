@@ -325,7 +325,9 @@ def distill(
         return metrics
 
     do_eval = eval_blocks is not None and eval_blocks.shape[0] > 0 and cfg.eval_every is not None
-    metric_name = "eval_kl" if t_model is not None else "eval_nll"
+    # the held-out metric of what is trained: KL to the teacher for KD, next-token loss for `lm`
+    # (a teacher given to an `lm` run is only measured against)
+    metric_name = "eval_kl" if t_model is not None and cfg.loss != "lm" else "eval_nll"
     if do_eval and start_step == 0:
         state["initial_eval"] = state["last_eval"] = m0 = run_eval(0)
         state["best_metric"], state["best_step"] = m0[metric_name], 0

@@ -62,6 +62,20 @@ def test_lm_loss_without_teacher_and_early_stopping(tmp_path):
     assert len(lines) == res.steps
 
 
+def test_lm_loss_with_a_teacher_keeps_the_best_by_held_out_nll(tmp_path):
+    """A teacher given to an `lm` run (the ablation's from-scratch arm) is only measured
+    against: the best checkpoint is chosen by held-out next-token loss, not by KL."""
+    teacher, model = tiny_phimoe(0, scale=1.0), tiny_phimoe(5)
+    train, held = random_blocks(VOCAB, 64, SEQ, seed=3), random_blocks(VOCAB, 8, SEQ, seed=4)
+    seen = {}
+    res = distill(model, teacher, tmp_path / "lm", train, held, loss="lm", tokens=12 * 8 * SEQ, lr=3e-3,
+                  eval_every=4, progress=False, metrics_callback=lambda s, m: seen.update({s: m}) if "eval_nll" in m else None)
+    assert set(seen) == {0, 4, 8, 12} and all("eval_kl" in m for m in seen.values())
+    nll = {s: m["eval_nll"] for s, m in seen.items()}
+    assert res.best_step == min(nll, key=nll.get)
+    assert res.best_metric == pytest.approx(nll[res.best_step])
+
+
 def test_data_order_and_schedule():
     seen = torch.cat([step_sample_ids(s, 8, 20, seed=5) for s in range(5)])  # 40 samples = 2 epochs
     assert sorted(seen[:20].tolist()) == list(range(20)) and sorted(seen[20:].tolist()) == list(range(20))
