@@ -25,7 +25,7 @@ from prefect import flow
 from flows.common import pipeline_tasks, rerun_if_missing
 from flows.compress import compress_stage
 from slimmoe.ablation_config import AblationConfig, check_ablation_inputs, scoring_targets
-from slimmoe.loading import load_config
+from slimmoe.loading import load_config, loading_policy
 from slimmoe.pipeline_config import StageConfig
 from slimmoe.report import read_curve
 from tasks import report as rt
@@ -60,7 +60,11 @@ class ArmOutputs:
 
 @flow(name="ablation", log_prints=True)
 def ablation(config: AblationConfig) -> dict:
-    cfg = config
+    with loading_policy(config.trust_remote_code, config.allow_pickle):  # also when a work pool runs the flow
+        return _ablation(config)
+
+
+def _ablation(cfg: AblationConfig) -> dict:
     out = Path(cfg.output_dir)
     arms = check_ablation_inputs(cfg)
     teacher_cfg = load_config(cfg.teacher, "teacher")

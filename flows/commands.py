@@ -34,12 +34,7 @@ def add_run(sub) -> None:
 def run(args) -> int:
     from slimmoe.pipeline_config import check_inputs, load_pipeline_config
 
-    try:
-        cfg = load_pipeline_config(args.config, args.overrides)
-    except ValueError as e:
-        if hasattr(e, "errors"):  # pydantic ValidationError
-            raise
-        raise UserError(str(e)) from None
+    cfg = _load(load_pipeline_config, args)
     from slimmoe.loading import loading_policy
 
     with loading_policy(cfg.trust_remote_code, cfg.allow_pickle):
@@ -51,6 +46,16 @@ def run(args) -> int:
             summary = compress(cfg)
     print(format_summary(summary))
     return 0
+
+
+def _load(loader, args):
+    """A config from ``args.config`` + ``--set``; file and override errors become one line."""
+    try:
+        return loader(args.config, args.overrides)
+    except ValueError as e:
+        if hasattr(e, "errors"):  # pydantic ValidationError: the CLI names the field
+            raise
+        raise UserError(str(e)) from None
 
 
 @contextmanager
@@ -121,23 +126,24 @@ def add_ablate(sub) -> None:
     p.add_argument("config", metavar="CONFIG.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override any config field, e.g. --set tokens=100000 --set seeds=[0]")
+    p.add_argument("--force", action="store_true",
+                   help="write into output_dir even if it holds another pipeline's results")
     p.set_defaults(func=ablate)
 
 
 def ablate(args) -> int:
     from slimmoe.ablation_config import check_ablation_inputs, load_ablation_config
 
-    try:
-        cfg = load_ablation_config(args.config, args.overrides)
-    except ValueError as e:
-        if hasattr(e, "errors"):  # pydantic ValidationError
-            raise
-        raise UserError(str(e)) from None
-    check_ablation_inputs(cfg)
-    _quiet_prefect()
-    from flows.ablation import ablation
+    from slimmoe.loading import loading_policy
 
-    result = ablation(cfg)
+    cfg = _load(load_ablation_config, args)
+    with loading_policy(cfg.trust_remote_code, cfg.allow_pickle):
+        check_ablation_inputs(cfg, preflight=True)
+        with _own_output(cfg, "slimmoe ablate", args.force):
+            _quiet_prefect()
+            from flows.ablation import ablation
+
+            result = ablation(cfg)
     print(format_ablation(result["arms"]))
     print(f"\nreport: {Path(cfg.output_dir) / 'report.md'}")
     return 0

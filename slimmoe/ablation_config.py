@@ -74,6 +74,8 @@ class AblationConfig(StrictModel):
     distill: AblationDistill = Field(default_factory=AblationDistill)
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig(register_models=False)
+    trust_remote_code: bool = Field(False, description="run Python code shipped with the teacher's checkpoint")
+    allow_pickle: bool = Field(False, description="load pickle weights (pytorch_model.bin); safetensors only when false")
 
     _name = field_validator("name")(classmethod(lambda cls, v: _folder_name(v)))
 
@@ -176,9 +178,11 @@ def scoring_targets(arms: dict[str, list[StageConfig]], teacher_config) -> SlimT
     return SlimTargets(**{f: smallest(f) for f in SlimTargets.model_fields})
 
 
-def check_ablation_inputs(cfg: AblationConfig) -> dict[str, list[StageConfig]]:
+def check_ablation_inputs(cfg: AblationConfig, preflight: bool = False) -> dict[str, list[StageConfig]]:
     """Fail fast with one line naming the field: a missing teacher or data file, a dense teacher,
-    a target the teacher cannot be cut to. Returns the arms' stages."""
+    a target the teacher cannot be cut to; with ``preflight`` also what `slimmoe run` checks
+    before a flow starts (teacher weights, tracking server, tokenizer, corpus). Returns the
+    arms' stages."""
     from slimmoe.arch import get_adapter
     from slimmoe.errors import UserError
     from slimmoe.loading import load_config
@@ -199,6 +203,13 @@ def check_ablation_inputs(cfg: AblationConfig) -> dict[str, list[StageConfig]]:
                 raise UserError(f"target: arm {arm}, stage {stage.name}: {e}") from None
             adapter.update_config(current, expert_size=t["expert_intermediate_size"], num_experts=t["num_experts"],
                                   kv_heads=t["num_key_value_heads"], shared_size=t["shared_intermediate_size"])
+    if preflight:
+        from slimmoe import preflight as pf
+        from slimmoe.loading import check_weights
+
+        check_weights(cfg.teacher, "teacher")
+        pf.check_tracking_uri(cfg.tracking_uri())
+        pf.check_corpus(cfg.data, pf.check_tokenizer(cfg.teacher, teacher), teacher.vocab_size)
     return arms
 
 

@@ -5,6 +5,7 @@ a report with one row per arm; bad configs exit 2 with one line."""
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from collections import Counter
 
@@ -26,17 +27,6 @@ from slimmoe.schedule import estimate_total_params
 SEEDS = [0, 1]
 
 
-def join_ablate(mp) -> None:
-    """The installed entry points predate `ablate`; join it to the CLI the way they would."""
-    from flows.commands import add_ablate
-
-    class EP:
-        def load(self):
-            return add_ablate
-
-    mp.setattr(slimmoe.cli, "entry_points", lambda group: [EP()])
-
-
 @pytest.fixture(scope="module")
 def ablated(tmp_path_factory):
     root = tmp_path_factory.mktemp("ablation")
@@ -54,8 +44,7 @@ def ablated(tmp_path_factory):
     path.write_text(yaml.safe_dump(config))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny steps: OpenMP barriers on a loaded 2-core box cost more than they give
-    with prefect_test_harness(server_startup_timeout=60), pytest.MonkeyPatch.context() as mp:
-        join_ablate(mp)
+    with prefect_test_harness(server_startup_timeout=60):
         assert slimmoe.cli.main(["ablate", str(path)]) == 0
         with get_client(sync_client=True) as client:
             flow_runs = client.read_flow_runs()
@@ -154,6 +143,11 @@ def test_mlflow_has_a_run_per_arm_and_seed_under_one_parent(ablated):
     assert {"report/report.md", "report/report.json", "report/perplexity_vs_active.png"} <= artifacts
 
 
+def _error_lines(err: str) -> list[str]:
+    """stderr's error and traceback lines (not the tokenizer's progress bars)."""
+    return [ln for ln in err.splitlines() if "error" in ln.lower() or "Traceback" in ln]
+
+
 @pytest.fixture(scope="module")
 def small_teacher(tmp_path_factory):
     return tiny_teacher_with_tokenizer(tmp_path_factory.mktemp("bad") / "teacher", corpus_chars=3000)
@@ -167,6 +161,8 @@ def small_teacher(tmp_path_factory):
     ("distill.loss=lm", "distill: loss"),
     ("data.train=missing.txt", "data.train"),
     ("teacher=no/such/folder", "teacher"),
+    ("tracking.uri=http://127.0.0.1:9", "tracking.uri"),  # refused in seconds, not after MLflow's retries
+    ("data.seq_len=100000", "data.train"),  # the corpus is shorter than one block
 ])
 def test_bad_configs_exit_2_with_one_line_naming_the_field(small_teacher, tmp_path, monkeypatch, capsys, override,
                                                            field):
@@ -175,9 +171,26 @@ def test_bad_configs_exit_2_with_one_line_naming_the_field(small_teacher, tmp_pa
     path.write_text(yaml.safe_dump({"name": "bad", "teacher": str(teacher), "output_dir": str(tmp_path / "out"),
                                     "data": {"train": str(corpus)}, "target": {"expert_intermediate_size": 8},
                                     "tokens": 64}))
-    join_ablate(monkeypatch)
     capsys.readouterr()
     assert slimmoe.cli.main(["ablate", str(path), "--set", override]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = _error_lines(capsys.readouterr().err)
     assert len(err) == 1 and err[0].startswith(f"error: {field}"), err
     assert not (tmp_path / "out").exists()
+
+
+def test_ablate_owns_its_output_folder(ablated, capsys):
+    """`slimmoe ablate` marks and locks its folder as `slimmoe run` does: another pipeline's
+    name is refused (unless --force), and so is a second run while one holds the lock."""
+    from slimmoe.lock import output_lock
+
+    root, *_ = ablated
+    before = (root / "out" / "report.json").read_bytes()
+    capsys.readouterr()
+    assert slimmoe.cli.main(["ablate", str(root / "ablation.yaml"), "--set", "name=other"]) == 2
+    err = _error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and "holds the results of pipeline 'tiny-ablation'" in err[0], err
+    with output_lock(root / "out", "a test"):
+        assert slimmoe.cli.main(["ablate", str(root / "ablation.yaml")]) == 2
+    err = _error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and str(os.getpid()) in err[0], err
+    assert (root / "out" / "report.json").read_bytes() == before
