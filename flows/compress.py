@@ -14,12 +14,15 @@ from prefect import flow
 
 from flows.common import StageOutputs, pipeline_tasks, rerun_if_missing, resolve_pipeline, stage_row, teacher_row
 from slimmoe.loading import loading_policy
+from slimmoe.lock import output_lock
 from slimmoe.pipeline_config import PipelineConfig, StageConfig
 
 
 @flow(name="compress", log_prints=True)
 def compress(config: PipelineConfig) -> dict:
-    with loading_policy(config.trust_remote_code, config.allow_pickle):  # also when a work pool runs the flow
+    # also when a work pool runs the flow: the safety switches, and one writer per output folder
+    with loading_policy(config.trust_remote_code, config.allow_pickle), \
+            output_lock(config.output_dir, "compress flow", reentrant=True):
         return _compress(config)
 
 

@@ -36,14 +36,23 @@ def read_holder(folder: str | os.PathLike) -> dict:
         return {}
 
 
+_HELD: set[Path] = set()  # folders this process holds
+
+
 @contextmanager
-def output_lock(folder: str | os.PathLike, what: str = "slimmoe") -> Iterator[Path]:
+def output_lock(folder: str | os.PathLike, what: str = "slimmoe", reentrant: bool = False) -> Iterator[Path]:
     """Hold the lock of ``folder`` (created if missing) for the ``with`` block.
 
     Raises :class:`FolderLocked` (a UserError: exit 2) naming the folder and the holder's
-    pid at once, without waiting, when another process holds it.
+    pid at once, without waiting, when another holder has it. ``reentrant``: a folder this
+    process already holds is entered without locking again (a flow started by `slimmoe run`,
+    which holds the lock, takes it itself when a work pool starts it).
     """
     folder = Path(folder)
+    key = folder.resolve()
+    if reentrant and key in _HELD:
+        yield folder / LOCK_FILE
+        return
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
@@ -62,9 +71,11 @@ def output_lock(folder: str | os.PathLike, what: str = "slimmoe") -> Iterator[Pa
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "command": what}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
+        _HELD.add(key)
         try:
             yield folder / LOCK_FILE
         finally:
+            _HELD.discard(key)
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)

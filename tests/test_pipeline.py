@@ -168,3 +168,24 @@ def test_prune_only_stage_writes_its_model_folder(pipeline):
     assert model.config.intermediate_size == 8
     summary = json.loads((root / "prune-only" / "summary.json").read_text())
     assert summary["stages"][-1]["tokens"] == 0 and summary["stages"][-1]["model"].endswith("only/model")
+
+
+def test_the_flow_itself_refuses_a_folder_another_process_writes(pipeline):
+    """A work pool starts the flow without `slimmoe run`: the flow takes the folder's lock itself
+    (and, started by `slimmoe run`, re-enters the lock its own process already holds)."""
+    from flows.compress import compress
+    from slimmoe.lock import FolderLocked
+    from slimmoe.pipeline_config import PipelineConfig
+    from test_lock import hold_in_child
+
+    root, _, config = pipeline
+    out = root / "held"
+    cfg = PipelineConfig.model_validate({**config, "output_dir": str(out)})
+    child = hold_in_child(out)
+    try:
+        with pytest.raises(FolderLocked, match=f"pid {child.pid}"):
+            compress(cfg)
+        assert sorted(p.name for p in out.iterdir()) == [".slimmoe.lock"]  # nothing else written
+    finally:
+        child.kill()
+        child.wait(timeout=30)
