@@ -19,7 +19,7 @@ from slimmoe import stages
 from slimmoe.config import DistillConfig, ImportanceConfig, SlimTargets
 from slimmoe.errors import UserError
 from tasks.caching import step_policy
-from tasks.tracking import Tracker, metric_name
+from tasks.tracking import Tracker, metric_key, metric_name
 
 FAULT_ENV = "SLIMMOE_INJECT_FAULT_AT_STEP"  # tests: fail the distill task once at this step
 
@@ -30,15 +30,23 @@ def tracker(tracking: dict) -> Tracker:
 
 class LiveMetrics:
     """Training metrics sent to MLflow every few seconds in one batch, not one call per step:
-    a call costs 10-20 ms on sqlite, which at hundreds of steps would slow training."""
+    a call costs 10-20 ms on sqlite, which at hundreds of steps would slow training.
+
+    A run resumed after a crash repeats the steps after its last checkpoint (bit-identically);
+    steps the run's MLflow history already holds are not logged twice.
+    """
 
     def __init__(self, tr: Tracker, run_id: str, every_s: float = 5.0):
         self.tr, self.run_id, self.every_s = tr, run_id, every_s
         self.rows: list[tuple[int, dict]] = []
         self.last = time.monotonic()
+        self.logged = tr.last_steps(run_id)
 
     def add(self, step: int, metrics: dict) -> None:
-        self.rows.append((step, {metric_name(k): v for k, v in metrics.items()}))
+        named = {metric_name(k): v for k, v in metrics.items()}
+        fresh = {k: v for k, v in named.items() if step > self.logged.get(metric_key(k), -1)}
+        if fresh:
+            self.rows.append((step, fresh))
         if time.monotonic() - self.last >= self.every_s:
             self.flush()
 

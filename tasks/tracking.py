@@ -59,6 +59,9 @@ def _key(key: Any) -> str:
     return (s or "_")[:MAX_KEY]
 
 
+metric_key = _key  # the name MLflow stores a metric under
+
+
 def _jsonable(v: Any) -> Any:
     return json.loads(json.dumps(v, default=str))
 
@@ -200,6 +203,11 @@ class Tracker:
         for chunk in _chunks(items, METRICS_PER_BATCH):
             self.client.log_batch(run_id, metrics=chunk)
         return len(items)
+
+    def last_steps(self, run_id: str) -> dict[str, int]:
+        """The highest step logged so far for each metric of the run (empty for a new run)."""
+        keys = self.client.get_run(run_id).data.metrics
+        return {k: max((m.step for m in self.client.get_metric_history(run_id, k)), default=0) for k in keys}
 
     def log_dataset(self, run_id: str, name: str, source: str, digest: str, num_blocks: int,
                     seq_len: int, context: str) -> None:
