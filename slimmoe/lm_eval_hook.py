@@ -62,8 +62,13 @@ def run_lm_eval(model_dir: str | Path, tasks: list[str], limit: int | float | No
     if unknown:
         raise UserError(f"{FIELD}: unknown lm-eval task(s) {unknown}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    res = lm_eval.simple_evaluate(
-        model="hf", model_args={"pretrained": str(model_dir), "dtype": "auto"}, tasks=list(tasks),
-        limit=limit, batch_size=batch_size, device=device, task_manager=manager, log_samples=False,
-    )
+    try:
+        res = lm_eval.simple_evaluate(
+            model="hf", model_args={"pretrained": str(model_dir), "dtype": "auto"}, tasks=list(tasks),
+            limit=limit, batch_size=batch_size, device=device, task_manager=manager, log_samples=False,
+        )
+    except OSError as e:  # a task's dataset missing, or on the hub while offline (hub errors are OSErrors)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise UserError(f"{FIELD}: lm-eval could not load the data of {list(tasks)} ({type(e).__name__}: {first}); "
+                        f"offline, use local task YAMLs in eval.lm_eval_include_path") from None
     return flatten_results(res["results"])

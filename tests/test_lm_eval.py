@@ -98,3 +98,13 @@ def test_flatten_results_keeps_numbers_and_names_filters():
     res = {"t": {"alias": "t", "acc,none": 0.5, "acc_stderr,none": "N/A", "exact_match,strict-match": 1,
                  "sample_len": 4}}
     assert flatten_results(res) == {"t/acc": 0.5, "t/exact_match_strict-match": 1.0}
+
+
+def test_a_task_whose_data_cannot_be_loaded_is_one_line_naming_the_field(task_and_model):
+    """Offline, a task whose dataset is missing (or on the hub) is a one-line error, not lm-eval's traceback."""
+    pytest.importorskip("lm_eval")
+    model_dir, folder, _ = task_and_model
+    text = (folder / "tiny_mc.yaml").read_text().replace("slimmoe_tiny_mc", "slimmoe_lost_mc")
+    (folder / "lost_mc.yaml").write_text(text.replace(str(folder / "items.jsonl"), str(folder / "gone.jsonl")))
+    with pytest.raises(UserError, match=r"^eval\.lm_eval_tasks: lm-eval could not load the data of \['slimmoe_lost_mc'\]"):
+        run_lm_eval(model_dir, ["slimmoe_lost_mc"], include_path=folder)
