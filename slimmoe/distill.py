@@ -25,13 +25,13 @@ from accelerate import Accelerator, DistributedType
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from slimmoe import losses
 from slimmoe.checkpoints import (
     all_finite, atomic_torch_save, atomic_write_text, capture_rng_state, full_model_state, full_train_state,
     load_latest_checkpoint, load_train_state, restore_rng_state, save_checkpoint, save_pretrained_atomic,
     truncate_jsonl,
 )
 from slimmoe.config import DistillConfig
+from slimmoe.distill_step import Teacher, held_out_eval, micro_loss
 from slimmoe.errors import UserError
 from slimmoe.faults import crash_point, poison_loss
 from slimmoe.loading import load_model
@@ -100,85 +100,6 @@ def lr_lambda(total_steps: int, warmup_fraction: float, min_lr_ratio: float) -> 
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return f
-
-
-def _shift(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Labels (next token) and mask for full-length logits: the last position has no label."""
-    labels = torch.roll(ids, -1, dims=1)
-    mask = torch.ones_like(ids, dtype=torch.bool)
-    mask[:, -1] = False
-    return labels, mask
-
-
-class _Teacher:
-    """The frozen teacher on its own device/dtype, or the top-k cache standing in for it."""
-
-    def __init__(self, model: PreTrainedModel | None, cache=None):
-        self.model, self.cache = model, cache
-
-    def logits(self, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
-        dev = next(self.model.parameters()).device
-        with torch.no_grad():
-            return self.model(input_ids=ids.to(dev), use_cache=False).logits.to(device)
-
-    def topk(self, ids, rows, cfg: DistillConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.cache is not None:
-            lp, idx = self.cache.get(rows)
-            return lp.to(device), idx.to(device)
-        return losses.teacher_topk(self.logits(ids, device), k=cfg.topk, temperature=cfg.temperature)
-
-
-def _micro_loss(model, teacher: _Teacher, ids, rows, cfg: DistillConfig, acc: Accelerator) -> torch.Tensor:
-    labels, mask = _shift(ids)
-    kw = {"output_router_logits": True} if cfg.router_aux_loss_coef > 0 else {}
-    with acc.autocast():
-        out = model(input_ids=ids, use_cache=False, **kw)
-    logits = out.logits
-    lm = None
-    if cfg.loss == "lm" or cfg.alpha < 1:
-        lm = losses.lm_loss(logits, labels, mask=mask, chunk_size=cfg.chunk_size)
-    if cfg.loss == "lm":
-        loss = lm
-    else:
-        if cfg.loss == "kl":
-            kd = losses.kl_loss(logits, teacher.logits(ids, logits.device), mask, cfg.temperature, cfg.chunk_size)
-        else:
-            fn = losses.kd_topk_loss if cfg.loss == "kd_topk" else losses.kd_topk_renorm_loss
-            t_lp, t_idx = teacher.topk(ids, rows, cfg, logits.device)
-            kd = fn(logits, t_lp, t_idx, mask, cfg.temperature, cfg.chunk_size)
-        loss = kd if lm is None else losses.mixed_loss(kd, lm, cfg.alpha)
-    if cfg.router_aux_loss_coef > 0 and getattr(out, "aux_loss", None) is not None:
-        loss = loss + cfg.router_aux_loss_coef * out.aux_loss.float()
-    return loss
-
-
-@torch.no_grad()
-def evaluate(model, teacher: PreTrainedModel | None, blocks: torch.Tensor, cfg: DistillConfig,
-             acc: Accelerator) -> dict[str, float]:
-    """Held-out perplexity of the student and full-vocabulary KL(teacher || student), all ranks."""
-    was_training = model.training
-    model.eval()
-    shard = blocks[acc.process_index :: acc.num_processes]
-    sums = torch.zeros(3, dtype=torch.float64, device=acc.device)  # nll, kl, positions
-    t = _Teacher(teacher)
-    for s in range(0, shard.shape[0], cfg.eval_batch_size):
-        ids = shard[s : s + cfg.eval_batch_size].to(acc.device)
-        labels, mask = _shift(ids)
-        with acc.autocast():
-            logits = model(input_ids=ids, use_cache=False).logits
-        count = int(mask.sum())
-        sums[0] += losses.lm_loss(logits, labels, mask, cfg.chunk_size).double() * count
-        if teacher is not None:
-            kl = losses.kl_loss(logits, t.logits(ids, logits.device), mask, 1.0, cfg.chunk_size)
-            sums[1] += kl.double() * count
-        sums[2] += count
-    sums = acc.reduce(sums, reduction="sum") if acc.num_processes > 1 else sums
-    model.train(was_training)
-    n = max(sums[2].item(), 1.0)
-    out = {"eval_nll": sums[0].item() / n, "eval_ppl": math.exp(min(sums[0].item() / n, 50.0))}
-    if teacher is not None:
-        out["eval_kl"] = sums[1].item() / n
-    return out
 
 
 def _make_accelerator(cfg: DistillConfig) -> Accelerator:
@@ -306,7 +227,7 @@ def distill(
         truncate_jsonl(out / LOSSES_FILE, start_step)
     acc.wait_for_everyone()
 
-    teacher = _Teacher(t_model)
+    teacher = Teacher(t_model)
     if cfg.teacher_cache_dir is not None and t_model is not None:
         teacher.cache = open_shared(cfg.teacher_cache_dir, train_blocks, lambda ids: teacher.logits(ids, acc.device),
                                     teacher_fp=fingerprint_model(t_model), k=cfg.topk, temperature=cfg.temperature,
@@ -320,7 +241,7 @@ def distill(
 
     def run_eval(step: int) -> dict[str, float]:
         with oom_hint("distill", oom_settings):
-            metrics = evaluate(model, t_model, eval_blocks, cfg, acc)
+            metrics = held_out_eval(model, t_model, eval_blocks, cfg, acc)
         log(step, metrics)
         return metrics
 
@@ -350,7 +271,7 @@ def distill(
             torch.manual_seed(micro_seed(cfg.seed, step, g))
             ctx = acc.no_sync(model) if j < accum - 1 else contextlib.nullcontext()
             with ctx, oom_hint("distill", oom_settings):
-                loss = poison_loss(_micro_loss(model, teacher, ids, rows, cfg, acc), step + 1)
+                loss = poison_loss(micro_loss(model, teacher, ids, rows, cfg, acc), step + 1)
                 acc.backward(loss / accum)
             step_loss += loss.detach() / accum
         grad_norm = None

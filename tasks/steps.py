@@ -98,7 +98,7 @@ def retry_unless_user_error(task, task_run, state) -> bool:
 
 @task(name="distill", task_run_name="distill-{stage}", retries=2, retry_delay_seconds=1,
       retry_condition_fn=retry_unless_user_error,
-      cache_policy=step_policy("slimmoe.distill", "slimmoe.losses", "slimmoe.checkpoints", "slimmoe.stages"))
+      cache_policy=step_policy("slimmoe.distill", "slimmoe.distill_step", "slimmoe.losses", "slimmoe.checkpoints", "slimmoe.stages"))
 def distill(stage: str, student: dict, teacher: dict, blocks: dict, settings: dict, out_dir: str, tracking: dict, run_id: str) -> dict:
     """Distil from the original teacher. A retry resumes from the newest checkpoint in ``out_dir``."""
     cfg = DistillConfig(**settings)

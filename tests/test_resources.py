@@ -115,7 +115,7 @@ def test_cli_distill_oom_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
     def boom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
 
-    monkeypatch.setattr(distill_mod, "_micro_loss", boom)
+    monkeypatch.setattr(distill_mod, "micro_loss", boom)
     rc = main(["distill", str(s), str(t), str(tmp_path / "out"), "--tokens", "256", "--seq-len", str(SEQ),
                "--random-blocks", "16", "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
