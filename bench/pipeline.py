@@ -60,7 +60,10 @@ def run_direct(cfg) -> None:
     out = Path(cfg.output_dir)
     d = cfg.data
     blocks = stages.prepare_data(d.train, cfg.teacher, out / "data", d.seq_len, eval_fraction=d.eval_fraction)
-    stages.evaluate_stage(cfg.teacher, blocks["path"], cfg.stages[0].eval.max_blocks)
+    def evaluate(model_dir: str, eval_cfg) -> None:  # as the evaluate task calls it: KL to the teacher etc.
+        stages.evaluate_stage(model_dir, blocks["path"], teacher_dir=cfg.teacher, **eval_cfg.model_dump())
+
+    evaluate(cfg.teacher, cfg.stages[0].eval)
     current, teacher = cfg.teacher, cfg.teacher
     for st in cfg.stages:
         root = out / st.name
@@ -68,7 +71,7 @@ def run_direct(cfg) -> None:
                               st.targets(), root / "importance.pt", progress=False)
         small = stages.slim(current, scores["path"], st.targets(), root / "pruned")
         student = stages.distill_stage(small["path"], teacher, blocks["path"], st.distill, root / "model")
-        stages.evaluate_stage(student["path"], blocks["path"], st.eval.max_blocks)
+        evaluate(student["path"], st.eval)
         current = student["path"]
 
 
