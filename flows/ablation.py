@@ -22,11 +22,10 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.common import pipeline_tasks, rerun_if_missing
+from flows.common import flow_guard, pipeline_tasks, rerun_if_missing
 from flows.compress import compress_stage
 from slimmoe.ablation_config import AblationConfig, check_ablation_inputs, scoring_targets
-from slimmoe.loading import load_config, loading_policy
-from slimmoe.lock import output_lock
+from slimmoe.loading import load_config
 from slimmoe.pipeline_config import StageConfig
 from slimmoe.report import read_curve
 from tasks import report as rt
@@ -61,9 +60,7 @@ class ArmOutputs:
 
 @flow(name="ablation", log_prints=True)
 def ablation(config: AblationConfig) -> dict:
-    # also when a work pool runs the flow: the safety switches, and one writer per output folder
-    with loading_policy(config.trust_remote_code, config.allow_pickle), \
-            output_lock(config.output_dir, "ablation flow", reentrant=True):
+    with flow_guard(config, "ablation flow"):
         return _ablation(config)
 
 

@@ -23,27 +23,27 @@ def add_run(sub) -> None:
     p = sub.add_parser("run", help="run the multi-stage compression pipeline of a YAML config",
                        description="Run the compress flow. Writes <output_dir>/<stage>/model/ per stage and "
                                    "<output_dir>/summary.json.")
+    _config_args(p, "--set stages.0.distill.tokens=2000")
+    p.set_defaults(func=run)
+
+
+def _config_args(p, example: str) -> None:
+    """CONFIG.yaml, ``--set`` and ``--force``: the arguments of the commands that run a flow."""
     p.add_argument("config", metavar="CONFIG.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                   help="override any config field, e.g. --set stages.0.distill.tokens=2000")
+                   help=f"override any config field, e.g. {example}")
     p.add_argument("--force", action="store_true",
                    help="write into output_dir even if it holds another pipeline's results")
-    p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from slimmoe.pipeline_config import check_inputs, load_pipeline_config
 
     cfg = _load(load_pipeline_config, args)
-    from slimmoe.loading import loading_policy
+    with _guarded(cfg, check_inputs, "slimmoe run", args.force):
+        from flows.compress import compress
 
-    with loading_policy(cfg.trust_remote_code, cfg.allow_pickle):
-        check_inputs(cfg)
-        with _own_output(cfg, "slimmoe run", args.force):
-            _quiet_prefect()
-            from flows.compress import compress
-
-            summary = compress(cfg)
+        summary = compress(cfg)
     print(format_summary(summary))
     return 0
 
@@ -56,6 +56,19 @@ def _load(loader, args):
         if hasattr(e, "errors"):  # pydantic ValidationError: the CLI names the field
             raise
         raise UserError(str(e)) from None
+
+
+@contextmanager
+def _guarded(cfg, check, what: str, force: bool):
+    """The safety switches on, ``check(cfg)`` passed, the output folder owned and locked:
+    what every flow-running command needs before its flow starts."""
+    from slimmoe.loading import loading_policy
+
+    with loading_policy(cfg.trust_remote_code, cfg.allow_pickle):
+        check(cfg)
+        with _own_output(cfg, what, force):
+            _quiet_prefect()
+            yield
 
 
 @contextmanager
@@ -123,27 +136,18 @@ def add_ablate(sub) -> None:
                        description="Run the ablation flow: one-shot slim, multi-stage slim, one-shot drop, slim+drop "
                                    "and a from-scratch baseline on one teacher, data set and token budget, over seeds. "
                                    "Writes <output_dir>/report.md, report.json and plots.")
-    p.add_argument("config", metavar="CONFIG.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                   help="override any config field, e.g. --set tokens=100000 --set seeds=[0]")
-    p.add_argument("--force", action="store_true",
-                   help="write into output_dir even if it holds another pipeline's results")
+    _config_args(p, "--set tokens=100000 --set seeds=[0]")
     p.set_defaults(func=ablate)
 
 
 def ablate(args) -> int:
     from slimmoe.ablation_config import check_ablation_inputs, load_ablation_config
 
-    from slimmoe.loading import loading_policy
-
     cfg = _load(load_ablation_config, args)
-    with loading_policy(cfg.trust_remote_code, cfg.allow_pickle):
-        check_ablation_inputs(cfg, preflight=True)
-        with _own_output(cfg, "slimmoe ablate", args.force):
-            _quiet_prefect()
-            from flows.ablation import ablation
+    with _guarded(cfg, lambda c: check_ablation_inputs(c, preflight=True), "slimmoe ablate", args.force):
+        from flows.ablation import ablation
 
-            result = ablation(cfg)
+        result = ablation(cfg)
     print(format_ablation(result["arms"]))
     print(f"\nreport: {Path(cfg.output_dir) / 'report.md'}")
     return 0

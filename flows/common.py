@@ -3,6 +3,7 @@ the folder layout of a stage, and the rows of ``summary.json``."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,7 +14,8 @@ from prefect.cache_policies import NO_CACHE
 from slimmoe import stages
 from slimmoe.arch import get_adapter
 from slimmoe.checkpoints import is_complete
-from slimmoe.loading import load_config
+from slimmoe.loading import load_config, loading_policy
+from slimmoe.lock import output_lock
 from slimmoe.pipeline_config import PipelineConfig, expand_schedule
 from slimmoe.plan import source_sizes
 from tasks import lineage, steps
@@ -26,6 +28,15 @@ RUN_STEPS = ("start_pipeline_run", "start_stage_run", "register_stage_model", "s
 @task(name="fingerprint-teacher", cache_policy=NO_CACHE)
 def fingerprint(path: str) -> dict:
     return stages.model_ref(path)
+
+
+@contextmanager
+def flow_guard(config, what: str):
+    """Inside a flow, also when a work pool starts it: the config's safety switches, and one
+    writer per output folder (re-entering the lock a `slimmoe` command already holds)."""
+    with loading_policy(config.trust_remote_code, config.allow_pickle), \
+            output_lock(config.output_dir, what, reentrant=True):
+        yield
 
 
 def resolve_pipeline(config: PipelineConfig) -> tuple[PipelineConfig, dict]:

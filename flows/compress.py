@@ -12,17 +12,13 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.common import StageOutputs, pipeline_tasks, rerun_if_missing, resolve_pipeline, stage_row, teacher_row
-from slimmoe.loading import loading_policy
-from slimmoe.lock import output_lock
+from flows.common import StageOutputs, flow_guard, pipeline_tasks, rerun_if_missing, resolve_pipeline, stage_row, teacher_row
 from slimmoe.pipeline_config import PipelineConfig, StageConfig
 
 
 @flow(name="compress", log_prints=True)
 def compress(config: PipelineConfig) -> dict:
-    # also when a work pool runs the flow: the safety switches, and one writer per output folder
-    with loading_policy(config.trust_remote_code, config.allow_pickle), \
-            output_lock(config.output_dir, "compress flow", reentrant=True):
+    with flow_guard(config, "compress flow"):
         return _compress(config)
 
 
