@@ -183,33 +183,20 @@ def check_ablation_inputs(cfg: AblationConfig, preflight: bool = False) -> dict[
     a target the teacher cannot be cut to; with ``preflight`` also what `slimmoe run` checks
     before a flow starts (teacher weights, tracking server, tokenizer, corpus). Returns the
     arms' stages."""
+    from slimmoe import preflight as pf
     from slimmoe.arch import get_adapter
-    from slimmoe.errors import UserError
     from slimmoe.loading import load_config
-    from slimmoe.plan import resolve_targets
 
     teacher = load_config(cfg.teacher, "teacher")
     adapter = get_adapter(teacher)
-    for field_name, value in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
-        if value and not Path(value).exists() and (Path(value).suffix or value.startswith((".", "/", "~"))):
-            raise UserError(f"{field_name}: no such file or folder: {value}")
+    pf.check_data_paths(cfg.data)
     arms = plan_arms(cfg, teacher)
     for arm, stages in arms.items():
         current = copy.deepcopy(teacher)
         for stage in stages:
-            try:
-                t = resolve_targets(adapter, current, stage.targets())
-            except UserError as e:
-                raise UserError(f"target: arm {arm}, stage {stage.name}: {e}") from None
-            adapter.update_config(current, expert_size=t["expert_intermediate_size"], num_experts=t["num_experts"],
-                                  kv_heads=t["num_key_value_heads"], shared_size=t["shared_intermediate_size"])
+            pf.cut(adapter, current, stage.targets(), f"target: arm {arm}, stage {stage.name}: ")
     if preflight:
-        from slimmoe import preflight as pf
-        from slimmoe.loading import check_weights
-
-        check_weights(cfg.teacher, "teacher")
-        pf.check_tracking_uri(cfg.tracking_uri())
-        pf.check_corpus(cfg.data, pf.check_tokenizer(cfg.teacher, teacher), teacher.vocab_size)
+        pf.check_teacher_and_data(cfg.teacher, teacher, cfg.data, cfg.tracking_uri())
     return arms
 
 

@@ -289,14 +289,9 @@ def check_inputs(cfg: PipelineConfig) -> None:
     :func:`check_config` checks, then a pickle-only or truncated teacher, an unreachable
     tracking server, a tokenizer that does not fit the teacher, and a corpus that is empty or
     shorter than one block (tokenised into the cache the flow's prepare step then reuses)."""
-    from slimmoe import preflight
-    from slimmoe.loading import check_weights
+    from slimmoe.preflight import check_teacher_and_data
 
-    teacher = check_config(cfg)
-    check_weights(cfg.teacher, "teacher")
-    preflight.check_tracking_uri(cfg.tracking_uri())
-    tokenizer = preflight.check_tokenizer(cfg.teacher, teacher)
-    preflight.check_corpus(cfg.data, tokenizer, teacher.vocab_size)
+    check_teacher_and_data(cfg.teacher, check_config(cfg), cfg.data, cfg.tracking_uri())
 
 
 def check_config(cfg: PipelineConfig):
@@ -308,26 +303,19 @@ def check_config(cfg: PipelineConfig):
 
     from slimmoe import preflight
     from slimmoe.arch import get_adapter
-    from slimmoe.errors import UserError
     from slimmoe.loading import load_config
-    from slimmoe.plan import resolve_targets, source_sizes
+    from slimmoe.plan import source_sizes
     from slimmoe.strategies import resolve_stages
 
     teacher = load_config(cfg.teacher, "teacher")
     adapter = get_adapter(teacher)
-    for field_name, value in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
-        if value and not Path(value).exists() and (Path(value).suffix or value.startswith((".", "/", "~"))):
-            raise UserError(f"{field_name}: no such file or folder: {value}")
+    preflight.check_data_paths(cfg.data)
     stages = resolve_stages(expand_schedule(cfg, teacher), teacher).stages
     preflight.check_topk(stages, teacher.vocab_size)
     current = copy.deepcopy(teacher)
     for i, stage in enumerate(stages):
-        try:
-            t = resolve_targets(adapter, current, stage.targets())
-        except UserError as e:
-            raise UserError(f"stages.{i}.{e}") from None
+        before = source_sizes(adapter, current)
+        t = preflight.cut(adapter, current, stage.targets(), f"stages.{i}.")
         if cfg.schedule is None:
-            preflight.check_smaller(i, source_sizes(adapter, current), t, f"stages.{i - 1}" if i else "the teacher")
-        adapter.update_config(current, expert_size=t["expert_intermediate_size"], num_experts=t["num_experts"],
-                              kv_heads=t["num_key_value_heads"], shared_size=t["shared_intermediate_size"])
+            preflight.check_smaller(i, before, t, f"stages.{i - 1}" if i else "the teacher")
     return teacher

@@ -1,4 +1,5 @@
-"""Checks ``slimmoe run`` makes before any flow starts (called by ``pipeline_config.check_inputs``).
+"""Checks ``slimmoe run`` and ``slimmoe ablate`` make before any flow starts (called by
+``pipeline_config.check_inputs`` and ``ablation_config.check_ablation_inputs``).
 
 Each raises a one-line UserError naming the config field. They read only; the one that
 costs work (tokenising the corpus) leaves its result in the ``datasets`` cache, keyed by
@@ -13,6 +14,39 @@ from urllib.parse import urlparse
 from slimmoe.errors import UserError
 
 CONNECT_TIMEOUT_S = 3.0
+
+
+def check_data_paths(data) -> None:
+    """``data.train`` / ``data.eval`` that look like local paths must exist (else: hub ids)."""
+    from pathlib import Path
+
+    for field, value in (("data.train", data.train), ("data.eval", data.eval)):
+        if value and not Path(value).exists() and (Path(value).suffix or value.startswith((".", "/", "~"))):
+            raise UserError(f"{field}: no such file or folder: {value}")
+
+
+def cut(adapter, current, targets, where: str) -> dict:
+    """Resolve ``targets`` against the config ``current`` and update it in place to the cut
+    shape; an impossible target is an error prefixed with ``where`` (e.g. ``stages.1.``)."""
+    from slimmoe.plan import resolve_targets
+
+    try:
+        t = resolve_targets(adapter, current, targets)
+    except UserError as e:
+        raise UserError(f"{where}{e}") from None
+    adapter.update_config(current, expert_size=t["expert_intermediate_size"], num_experts=t["num_experts"],
+                          kv_heads=t["num_key_value_heads"], shared_size=t["shared_intermediate_size"])
+    return t
+
+
+def check_teacher_and_data(teacher: str, teacher_config, data, tracking_uri: str) -> None:
+    """What needs more than config.json: the teacher's weights (present, intact, safetensors),
+    the tracking server, the tokenizer against the vocabulary, and a corpus filling a block."""
+    from slimmoe.loading import check_weights
+
+    check_weights(teacher, "teacher")
+    check_tracking_uri(tracking_uri)
+    check_corpus(data, check_tokenizer(teacher, teacher_config), teacher_config.vocab_size)
 
 
 def check_tracking_uri(uri: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
