@@ -17,17 +17,19 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from slimmoe.checkpoints import atomic_write_text
-from tasks.steps import _artifact_key, tracker
+from tasks.steps import artifact_key, tracker
 
 KEY_TAG = "slimmoe.key"
 SUMMARY_FILE = "summary.json"
 
 
-def _key(*parts) -> str:
+def run_key(*parts) -> str:
+    """The tag that finds a run again on a re-run or resume (hash of what defines the run)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def _find_run(tr, key: str) -> str | None:
+def find_run(tr, key: str) -> str | None:
+    """The newest run tagged with ``key``; None when there is none yet."""
     runs = tr.client.search_runs([tr.experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{key}'", max_results=1,
                                  order_by=["attributes.start_time DESC"])
     return runs[0].info.run_id if runs else None
@@ -36,16 +38,16 @@ def _find_run(tr, key: str) -> str | None:
 @task(name="start-pipeline-run", cache_policy=NO_CACHE)
 def start_pipeline_run(config: dict, teacher: dict, blocks: dict, tracking: dict) -> str:
     tr = tracker(tracking)
-    key = _key(config, teacher["fingerprint"], blocks["fingerprint"])
-    return _find_run(tr, key) or tr.start_pipeline(
+    key = run_key(config, teacher["fingerprint"], blocks["fingerprint"])
+    return find_run(tr, key) or tr.start_pipeline(
         config["name"], config, tags={KEY_TAG: key, "slimmoe.teacher": teacher["path"]})
 
 
 @task(name="start-stage-run", cache_policy=NO_CACHE)
 def start_stage_run(parent_run_id: str, stage: dict, model: dict, teacher: dict, blocks: dict, tracking: dict) -> str:
     tr = tracker(tracking)
-    key = _key(stage, model["fingerprint"], teacher["fingerprint"], blocks["fingerprint"])
-    return _find_run(tr, key) or tr.start_stage(
+    key = run_key(stage, model["fingerprint"], teacher["fingerprint"], blocks["fingerprint"])
+    return find_run(tr, key) or tr.start_stage(
         parent_run_id, stage["name"], stage, tags={KEY_TAG: key, "slimmoe.input_model": model["path"]})
 
 
@@ -73,10 +75,10 @@ def summarize(config: dict, rows: list[dict], tracking: dict, parent_run_id: str
     atomic_write_text(out, json.dumps(summary, indent=1), point="summary:write")
     tr.log_summary(parent_run_id, rows)
     tr.finish(parent_run_id)
-    create_table_artifact(key=_artifact_key(config["name"], "summary"), table=rows,
+    create_table_artifact(key=artifact_key(config["name"], "summary"), table=rows,
                           description="Teacher and every stage: sizes, parameters, perplexity, tokens")
     lineage = " -> ".join(r["stage"] for r in rows)
-    create_markdown_artifact(key=_artifact_key(config["name"], "lineage"), markdown=(
+    create_markdown_artifact(key=artifact_key(config["name"], "lineage"), markdown=(
         f"## {config['name']}\n\nLineage: {lineage}\n\nMLflow: [parent run]({tr.run_url(parent_run_id)}) "
         f"(`{tr.ui_command()}`)\n\nSummary: `{out}`\n"))
     return summary

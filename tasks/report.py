@@ -11,8 +11,8 @@ from prefect.cache_policies import NO_CACHE
 
 from slimmoe import report, scratch
 from tasks.caching import step_policy
-from tasks.lineage import KEY_TAG, _find_run, _key
-from tasks.steps import _artifact_key, tracker
+from tasks.lineage import KEY_TAG, find_run, run_key
+from tasks.steps import artifact_key, tracker
 
 
 @task(name="scratch-init", task_run_name="scratch-init-seed{seed}", cache_policy=step_policy("slimmoe.scratch"))
@@ -24,8 +24,8 @@ def scratch_init(shape: dict, seed: int, out_dir: str) -> dict:
 @task(name="start-ablation-run", cache_policy=NO_CACHE)
 def start_ablation_run(config: dict, teacher: dict, blocks: dict, tracking: dict) -> str:
     tr = tracker(tracking)
-    key = _key("ablation", config, teacher["fingerprint"], blocks["fingerprint"])
-    return _find_run(tr, key) or tr.start_pipeline(
+    key = run_key("ablation", config, teacher["fingerprint"], blocks["fingerprint"])
+    return find_run(tr, key) or tr.start_pipeline(
         config["name"], config, tags={KEY_TAG: key, "slimmoe.kind": "ablation", "slimmoe.teacher": teacher["path"]})
 
 
@@ -34,10 +34,10 @@ def start_arm_run(parent_run_id: str, name: str, arm: str, seed: int, stages: li
                   tracking: dict) -> str:
     """A run per arm and seed, nested under the ablation's run; stage runs nest under it."""
     tr = tracker(tracking)
-    key = _key("arm", name, arm, seed, stages, teacher["fingerprint"], blocks["fingerprint"])
+    key = run_key("arm", name, arm, seed, stages, teacher["fingerprint"], blocks["fingerprint"])
     params = {"arm": arm, "seed": seed, "stages": [s["name"] for s in stages],
               "tokens": sum((s.get("distill") or {}).get("tokens", 0) for s in stages)}
-    return _find_run(tr, key) or tr.start_stage(parent_run_id, f"{arm}-seed{seed}", params, tags={
+    return find_run(tr, key) or tr.start_stage(parent_run_id, f"{arm}-seed{seed}", params, tags={
         KEY_TAG: key, "slimmoe.kind": "arm", "arm": arm, "seed": str(seed)})
 
 
@@ -64,9 +64,9 @@ def publish_report(out_dir: str, runs: list[dict], teacher: dict, meta: dict, tr
                                        f"{row['arm']}/ratio_mean": row["ratio_mean"]})
     tr.finish(parent_run_id)
     link = f"\n\nMLflow: [ablation run]({tr.run_url(parent_run_id)}) (`{tr.ui_command()}`); files: `{Path(out_dir)}`\n"
-    create_markdown_artifact(key=_artifact_key(meta.get("name", "ablation"), "report"), markdown=res["markdown"] + link,
+    create_markdown_artifact(key=artifact_key(meta.get("name", "ablation"), "report"), markdown=res["markdown"] + link,
                              description="Ablation: every arm, mean and spread over seeds")
-    create_table_artifact(key=_artifact_key(meta.get("name", "ablation"), "arms"),
+    create_table_artifact(key=artifact_key(meta.get("name", "ablation"), "arms"),
                           table=[{k: v for k, v in r.items() if k != "seeds"} for r in res["arms"]],
                           description="Ablation arms: perplexity mean / std over seeds")
     return {"arms": res["arms"], "paths": res["paths"], "mlflow_run_id": parent_run_id}

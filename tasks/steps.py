@@ -56,7 +56,7 @@ class LiveMetrics:
         self.rows, self.last = [], time.monotonic()
 
 
-def _artifact_key(*parts: str) -> str:
+def artifact_key(*parts: str) -> str:
     return "-".join(p.lower().replace("_", "-").replace(".", "-") for p in parts)[:100]
 
 
@@ -137,11 +137,11 @@ def evaluate(stage: str, model: dict, blocks: dict, settings: dict, tracking: di
         tr.log_dataset(run_id, "eval", blocks["source"], blocks["fingerprint"], blocks["eval_blocks"], blocks["seq_len"], "eval")
     numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     tr.log_metrics(run_id, {(k if "/" in k else f"eval/{k}"): v for k, v in numeric.items()})
-    create_table_artifact(key=_artifact_key("stage", stage, "metrics"), table=[{"stage": stage, **metrics}],
+    create_table_artifact(key=artifact_key("stage", stage, "metrics"), table=[{"stage": stage, **metrics}],
                           description=f"Sizes and metrics of stage {stage}")
     kl = metrics.get("kl_to_teacher")
     create_markdown_artifact(
-        key=_artifact_key("stage", stage, "summary"),
+        key=artifact_key("stage", stage, "summary"),
         markdown=f"### Stage `{stage}`\n\n* model: `{model['path']}`\n* perplexity: {metrics['perplexity']:.3f}\n"
                  + (f"* KL(teacher || model): {kl:.4f} nats/token\n" if kl is not None else "")
                  + f"* total / active parameters: {metrics['total_params']:,} / {metrics['active_params']:,}\n"
