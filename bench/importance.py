@@ -25,7 +25,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from slimmoe.config import ImportanceConfig
-from slimmoe.importance import calibration_loss, estimate_importance
+from slimmoe.prune.importance import calibration_loss, estimate_importance
 
 
 def build(args):

@@ -6,7 +6,7 @@
 Builds a small phimoe teacher (hidden 64, 2 layers, 4 experts of width 64, BPE vocab 512
 trained on the bundled corpus) and a two-stage pipeline (width 64 -> 32 -> 16, KV 2 -> 1),
 then measures in one process, each with fresh output and data-cache folders:
-  1. direct: slimmoe.stages.prepare_data / score / slim / distill_stage / evaluate_stage;
+  1. direct: slimmoe.pipeline.steps.prepare_data / score / slim / distill_stage / evaluate_stage;
   2. flow:   the compress flow on a local Prefect server (started before timing), logging
              to a fresh MLflow sqlite store;
   3. cached: the compress flow again with the same config (every step Cached).
@@ -55,7 +55,7 @@ def pipeline_config(teacher: Path, corpus: Path, out: Path, tokens: int) -> dict
 
 def run_direct(cfg) -> None:
     """The same steps as the flow, called as library functions, no Prefect, no MLflow."""
-    from slimmoe import stages
+    from slimmoe.pipeline import steps as stages
 
     out = Path(cfg.output_dir)
     d = cfg.data
@@ -86,7 +86,7 @@ def main() -> None:
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.compress import compress
-    from slimmoe.pipeline_config import PipelineConfig
+    from slimmoe.pipeline.schema import PipelineConfig
 
     times = {}
     os.environ["SLIMMOE_CACHE"] = str(work / "cache-direct")

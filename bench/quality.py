@@ -35,7 +35,8 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-    from slimmoe.ablation_config import check_ablation_inputs, load_ablation_config
+    from slimmoe.pipeline.ablation_schema import load_ablation_config
+    from slimmoe.pipeline.arms import check_ablation_inputs
 
     cfg = load_ablation_config(args.config, [f"teacher={args.teacher}", f"output_dir={args.output_dir}",
                                              f"data.train={ROOT / 'data' / 'tinyshakespeare.txt'}", *args.overrides])

@@ -24,10 +24,11 @@ from prefect import flow
 
 from flows.common import flow_guard, pipeline_tasks, rerun_if_missing
 from flows.compress import compress_stage
-from slimmoe.ablation_config import AblationConfig, check_ablation_inputs, scoring_targets
-from slimmoe.loading import load_config
-from slimmoe.pipeline_config import StageConfig
-from slimmoe.report import read_curve
+from slimmoe.io.loading import load_config
+from slimmoe.pipeline.ablation_schema import AblationConfig
+from slimmoe.pipeline.arms import check_ablation_inputs, scoring_targets
+from slimmoe.pipeline.report import read_curve
+from slimmoe.pipeline.schema import StageConfig
 from tasks import report as rt
 from tasks.caching import bind_cache
 

@@ -37,7 +37,8 @@ def _config_args(p, example: str) -> None:
 
 
 def run(args) -> int:
-    from slimmoe.pipeline_config import check_inputs, load_pipeline_config
+    from slimmoe.pipeline.resolve import check_inputs
+    from slimmoe.pipeline.schema import load_pipeline_config
 
     cfg = _load(load_pipeline_config, args)
     with _guarded(cfg, check_inputs, "slimmoe run", args.force):
@@ -62,7 +63,7 @@ def _load(loader, args):
 def _guarded(cfg, check, what: str, force: bool):
     """The safety switches on, ``check(cfg)`` passed, the output folder owned and locked:
     what every flow-running command needs before its flow starts."""
-    from slimmoe.loading import loading_policy
+    from slimmoe.io.loading import loading_policy
 
     with loading_policy(cfg.trust_remote_code, cfg.allow_pickle):
         check(cfg)
@@ -75,7 +76,7 @@ def _guarded(cfg, check, what: str, force: bool):
 def _own_output(cfg, what: str, force: bool):
     """Hold ``cfg.output_dir``'s lock and mark it as this pipeline's for the ``with`` block;
     refuse another pipeline's folder (unless ``force``) before writing anything."""
-    from slimmoe.lock import check_output_owner, output_lock, write_output_owner
+    from slimmoe.io.lock import check_output_owner, output_lock, write_output_owner
 
     check_output_owner(cfg.output_dir, cfg.name, force)
     with output_lock(cfg.output_dir, what):
@@ -96,7 +97,7 @@ def add_demo(sub) -> None:
 
 
 def demo(args) -> int:
-    from slimmoe.pipeline_config import load_pipeline_config
+    from slimmoe.pipeline.schema import load_pipeline_config
 
     root = Path(__file__).resolve().parents[1]
     config = args.config or str(root / "deployments" / "configs" / "demo.yaml")
@@ -106,7 +107,7 @@ def demo(args) -> int:
     _quiet_prefect()
     from flows.compress import compress
     from flows.teacher import teacher
-    from slimmoe.teacher import TeacherConfig
+    from slimmoe.pipeline.demo_teacher import TeacherConfig
 
     with _own_output(cfg, "slimmoe demo", args.force):  # before the teacher: it logs into output_dir's mlflow.db
         teacher(TeacherConfig(corpus=root / "data" / "tinyshakespeare.txt"), output_dir=str(out / "teacher"),
@@ -141,7 +142,8 @@ def add_ablate(sub) -> None:
 
 
 def ablate(args) -> int:
-    from slimmoe.ablation_config import check_ablation_inputs, load_ablation_config
+    from slimmoe.pipeline.ablation_schema import load_ablation_config
+    from slimmoe.pipeline.arms import check_ablation_inputs
 
     cfg = _load(load_ablation_config, args)
     with _guarded(cfg, lambda c: check_ablation_inputs(c, preflight=True), "slimmoe ablate", args.force):

@@ -11,13 +11,14 @@ from types import SimpleNamespace
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from slimmoe import stages
 from slimmoe.arch import get_adapter
-from slimmoe.checkpoints import is_complete
-from slimmoe.loading import load_config, loading_policy
-from slimmoe.lock import output_lock
-from slimmoe.pipeline_config import PipelineConfig, expand_schedule
-from slimmoe.plan import source_sizes
+from slimmoe.io.atomic import is_complete
+from slimmoe.io.loading import load_config, loading_policy
+from slimmoe.io.lock import output_lock
+from slimmoe.pipeline import steps as stages
+from slimmoe.pipeline.resolve import expand_schedule
+from slimmoe.pipeline.schema import PipelineConfig
+from slimmoe.prune.plan import source_sizes
 from tasks import lineage, steps
 from tasks.caching import bind_cache
 
@@ -45,11 +46,11 @@ def resolve_pipeline(config: PipelineConfig) -> tuple[PipelineConfig, dict]:
     get_adapter(teacher_cfg)  # a dense or unsupported teacher fails here, before any work
     cfg = expand_schedule(config, teacher_cfg)
     if config.schedule is not None:
-        from slimmoe.schedule import format_schedule
+        from slimmoe.prune.schedule import format_schedule
 
         print("automatic schedule:\n" + format_schedule([s.targets() for s in cfg.stages], teacher_cfg))
-    if any(s.has_param_target() for s in cfg.stages):  # parameter targets -> sizes (slimmoe.strategies)
-        from slimmoe.strategies import format_stages, resolve_stages
+    if any(s.has_param_target() for s in cfg.stages):  # parameter targets -> sizes (slimmoe.prune.strategies)
+        from slimmoe.pipeline.resolve import format_stages, resolve_stages
 
         cfg = resolve_stages(cfg, teacher_cfg)
         print("sizes chosen for the parameter targets:\n" + format_stages(cfg, teacher_cfg))

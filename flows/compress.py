@@ -12,8 +12,16 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.common import StageOutputs, flow_guard, pipeline_tasks, rerun_if_missing, resolve_pipeline, stage_row, teacher_row
-from slimmoe.pipeline_config import PipelineConfig, StageConfig
+from flows.common import (
+    StageOutputs,
+    flow_guard,
+    pipeline_tasks,
+    rerun_if_missing,
+    resolve_pipeline,
+    stage_row,
+    teacher_row,
+)
+from slimmoe.pipeline.schema import PipelineConfig, StageConfig
 
 
 @flow(name="compress", log_prints=True)

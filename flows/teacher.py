@@ -12,13 +12,13 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 
-from slimmoe.teacher import TeacherConfig, teacher_fingerprint, train_teacher
+from slimmoe.pipeline.demo_teacher import TeacherConfig, teacher_fingerprint, train_teacher
 from tasks.caching import bind_cache, step_policy
 from tasks.steps import tracker
 from tasks.tracking import metric_name
 
 
-@task(name="train-teacher", retries=1, cache_policy=step_policy("slimmoe.teacher", "slimmoe.distill", "slimmoe.tokenizer"))
+@task(name="train-teacher", retries=1, cache_policy=step_policy("slimmoe.pipeline.demo_teacher", "slimmoe.distill.loop", "slimmoe.io.tokenizer"))
 def train_teacher_task(config: dict, corpus_fingerprint: str, output_dir: str, tracking: dict) -> dict:
     """Train (or resume, or find finished) the teacher; log it to its own MLflow run."""
     tr = tracker(tracking)

@@ -25,7 +25,7 @@ def build_model(folder: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from slimmoe.tokenizer import train_bpe_tokenizer
+    from slimmoe.io.tokenizer import train_bpe_tokenizer
 
     tok = train_bpe_tokenizer(CORPUS, vocab_size=2048)
     torch.manual_seed(0)

@@ -28,6 +28,28 @@ ExpertScore = Literal["taylor", "frequency", "reap", "random"]
 # have a non-zero gradient when the model under scoring equals the teacher, which is
 # why it is the importance default.
 ImportanceLoss = Literal["kd_topk_renorm", "kd_topk", "lm"]
+# How a stage reaches a parameter target (slimmoe.prune.strategies): ``slim`` solves the
+# expert width, ``drop`` the number of experts, ``slim+drop`` both.
+Strategy = Literal["slim", "drop", "slim+drop"]
+STRATEGIES: tuple[str, ...] = typing.get_args(Strategy)
+DROP_STRATEGIES = ("drop", "slim+drop")  # they remove whole experts ...
+DROP_EXPERT_SCORES = ("frequency", "reap")  # ... scored by one of these
+
+
+def parse_param_count(v: Any) -> Any:
+    """Accept 3800000000, 3.8e9, "3.8e9", "3.8B", "500M", "120K" as a parameter count."""
+    if isinstance(v, str):
+        s = v.strip().replace("_", "").upper()
+        scale = {"K": 1e3, "M": 1e6, "B": 1e9}.get(s[-1:], 1)
+        try:
+            v = float(s[:-1] if scale != 1 else s) * scale
+        except ValueError:
+            raise ValueError(f"expected a parameter count like 3800000000, 3.8e9 or 3.8B, got {v!r}") from None
+    if isinstance(v, float):
+        if not v.is_integer() and v < 1e3:
+            raise ValueError(f"expected a whole number of parameters, got {v!r}")
+        v = int(round(v))
+    return v
 
 
 class ImportanceConfig(StrictModel):

@@ -45,8 +45,9 @@ def tensor_bytes(obj: Any) -> int:
     return 0
 
 
-def model_bytes(model: torch.nn.Module) -> int:
-    """Bytes ``save_pretrained`` writes for the weights (parameters and persistent buffers)."""
+def state_dict_bytes(model: torch.nn.Module) -> int:
+    """Bytes ``save_pretrained`` writes for the weights (parameters and persistent buffers);
+    compare ``slimmoe.evaluation.speed.resident_bytes``, what they occupy in memory."""
     return tensor_bytes(dict(model.state_dict()))
 
 

@@ -16,7 +16,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from slimmoe.checkpoints import atomic_write_text
+from slimmoe.io.atomic import atomic_write_text
 from tasks.steps import artifact_key, tracker
 
 KEY_TAG = "slimmoe.key"

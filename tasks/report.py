@@ -9,13 +9,13 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from slimmoe import report, scratch
+from slimmoe.pipeline import report, scratch
 from tasks.caching import step_policy
 from tasks.lineage import KEY_TAG, find_run, run_key
 from tasks.steps import artifact_key, tracker
 
 
-@task(name="scratch-init", task_run_name="scratch-init-seed{seed}", cache_policy=step_policy("slimmoe.scratch"))
+@task(name="scratch-init", task_run_name="scratch-init-seed{seed}", cache_policy=step_policy("slimmoe.pipeline.scratch"))
 def scratch_init(shape: dict, seed: int, out_dir: str) -> dict:
     """Random weights at the shape of ``shape``'s checkpoint (the from-scratch baseline)."""
     return scratch.init_scratch(shape["path"], out_dir, seed)

@@ -1,4 +1,4 @@
-"""One Prefect task per pipeline step, each wrapping one call of ``slimmoe.stages``.
+"""One Prefect task per pipeline step, each wrapping one call of ``slimmoe.pipeline.steps``.
 
 Inputs and outputs are JSON-able dicts of paths, content fingerprints and settings, so
 Prefect can hash them for cache keys (see ``tasks.caching``). Each task logs what it
@@ -15,9 +15,9 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from slimmoe import stages
 from slimmoe.config import DistillConfig, ImportanceConfig, SlimTargets
 from slimmoe.errors import UserError
+from slimmoe.pipeline import steps as stages
 from tasks.caching import step_policy
 from tasks.tracking import Tracker, metric_key, metric_name
 
@@ -60,7 +60,7 @@ def artifact_key(*parts: str) -> str:
     return "-".join(p.lower().replace("_", "-").replace(".", "-") for p in parts)[:100]
 
 
-@task(name="prepare-data", cache_policy=step_policy("slimmoe.data", "slimmoe.stages"))
+@task(name="prepare-data", cache_policy=step_policy("slimmoe.io.data", "slimmoe.pipeline.steps.data"))
 def prepare_data(data: dict, tokenizer_dir: str, out_dir: str) -> dict:
     """Tokenise and pack the corpus with the teacher's tokenizer (once per content)."""
     return stages.prepare_data(data["train"], tokenizer_dir, out_dir, data["seq_len"], eval_path=data.get("eval"),
@@ -68,7 +68,7 @@ def prepare_data(data: dict, tokenizer_dir: str, out_dir: str) -> dict:
                                max_blocks=data.get("max_blocks"))
 
 
-@task(name="importance", task_run_name="importance-{stage}", cache_policy=step_policy("slimmoe.importance", "slimmoe.losses", "slimmoe.stages"))
+@task(name="importance", task_run_name="importance-{stage}", cache_policy=step_policy("slimmoe.prune.importance", "slimmoe.losses", "slimmoe.pipeline.steps.score"))
 def importance(stage: str, model: dict, teacher: dict | None, blocks: dict, settings: dict, targets: dict, out_path: str,
                tracking: dict, run_id: str) -> dict:
     """Score the current model's structures against the original teacher."""
@@ -82,7 +82,7 @@ def importance(stage: str, model: dict, teacher: dict | None, blocks: dict, sett
     return res
 
 
-@task(name="slim", task_run_name="slim-{stage}", cache_policy=step_policy("slimmoe.slim", "slimmoe.plan", "slimmoe.arch.base", "slimmoe.stages"))
+@task(name="slim", task_run_name="slim-{stage}", cache_policy=step_policy("slimmoe.prune.slim", "slimmoe.prune.plan", "slimmoe.arch.base", "slimmoe.pipeline.steps.slim"))
 def slim(stage: str, model: dict, scores: dict, targets: dict, settings: dict, out_dir: str, tracking: dict, run_id: str) -> dict:
     """Cut the model to the stage's sizes by the scores."""
     res = stages.slim(model["path"], scores["path"], SlimTargets(**targets), out_dir, score_info=settings)
@@ -98,7 +98,7 @@ def retry_unless_user_error(task, task_run, state) -> bool:
 
 @task(name="distill", task_run_name="distill-{stage}", retries=2, retry_delay_seconds=1,
       retry_condition_fn=retry_unless_user_error,
-      cache_policy=step_policy("slimmoe.distill", "slimmoe.distill_step", "slimmoe.losses", "slimmoe.checkpoints", "slimmoe.stages"))
+      cache_policy=step_policy("slimmoe.distill.loop", "slimmoe.distill.step", "slimmoe.losses", "slimmoe.distill.checkpoint", "slimmoe.pipeline.steps.distill"))
 def distill(stage: str, student: dict, teacher: dict, blocks: dict, settings: dict, out_dir: str, tracking: dict, run_id: str) -> dict:
     """Distil from the original teacher. A retry resumes from the newest checkpoint in ``out_dir``."""
     cfg = DistillConfig(**settings)
@@ -125,7 +125,7 @@ def distill(stage: str, student: dict, teacher: dict, blocks: dict, settings: di
 
 
 @task(name="evaluate", task_run_name="evaluate-{stage}",
-      cache_policy=step_policy("slimmoe.evaluate", "slimmoe.evaluate_extra", "slimmoe.lm_eval_hook", "slimmoe.stages"))
+      cache_policy=step_policy("slimmoe.evaluation.quality", "slimmoe.evaluation.speed", "slimmoe.evaluation.harness", "slimmoe.pipeline.steps.evaluate"))
 def evaluate(stage: str, model: dict, blocks: dict, settings: dict, tracking: dict, run_id: str,
              teacher: dict | None = None) -> dict:
     """Held-out perplexity and KL to the teacher, total / active parameters, throughput,

@@ -227,7 +227,7 @@ class Tracker:
     # ---- plots ----
     def log_importance_histograms(self, run_id: str, scores_path: str | os.PathLike) -> list[str]:
         """One PNG per layer under ``importance/``; returns their artifact paths."""
-        from slimmoe.importance import ImportanceScores  # heavy (torch); only when needed
+        from slimmoe.prune.importance import ImportanceScores  # heavy (torch); only when needed
 
         scores = ImportanceScores.load(scores_path)
         kinds = ("neurons", "shared", "kv_groups", "experts")

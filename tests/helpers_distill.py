@@ -49,10 +49,10 @@ def env(tmp: Path) -> dict[str, str]:
 
 
 def cli_cmd(student: Path, teacher: Path, out: Path, *extra: str, nproc: int = 1) -> list[str]:
-    head = [sys.executable, "-m", "slimmoe.cli_distill"]
+    head = [sys.executable, "-m", "slimmoe.cli.distill"]
     if nproc > 1:
         head = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                "-m", "slimmoe.cli_distill"]
+                "-m", "slimmoe.cli.distill"]
     return [*head, str(student), str(teacher), str(out), "--no-progress", *extra]
 
 

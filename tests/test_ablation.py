@@ -11,8 +11,6 @@ from collections import Counter
 
 import pytest
 import torch
-
-import slimmoe.cli
 import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -20,9 +18,10 @@ from prefect.testing.utilities import prefect_test_harness
 from tiny_models import tiny_teacher_with_tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from slimmoe.ablation_config import ARMS
-from slimmoe.loading import load_config
-from slimmoe.schedule import estimate_total_params
+import slimmoe.cli
+from slimmoe.io.loading import load_config
+from slimmoe.pipeline.ablation_schema import ARMS
+from slimmoe.prune.schedule import estimate_total_params
 
 SEEDS = [0, 1]
 
@@ -181,7 +180,7 @@ def test_bad_configs_exit_2_with_one_line_naming_the_field(small_teacher, tmp_pa
 def test_ablate_owns_its_output_folder(ablated, capsys):
     """`slimmoe ablate` marks and locks its folder as `slimmoe run` does: another pipeline's
     name is refused (unless --force), and so is a second run while one holds the lock."""
-    from slimmoe.lock import output_lock
+    from slimmoe.io.lock import output_lock
 
     root, *_ = ablated
     before = (root / "out" / "report.json").read_bytes()

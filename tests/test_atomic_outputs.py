@@ -9,14 +9,12 @@ import os
 import signal
 
 import torch
+from helpers_distill import one_torch_thread, tiny_phimoe  # noqa: F401 - autouse fixture
 
-from helpers_distill import tiny_phimoe, one_torch_thread  # noqa: F401 - autouse fixture
 from flows.common import rerun_if_missing
-from slimmoe.checkpoints import (
-    COMPLETE_FILE, atomic_write_text, is_complete, load_latest_checkpoint, replace_folder, save_checkpoint,
-    save_pretrained_atomic, truncate_jsonl,
-)
+from slimmoe.distill.checkpoint import load_latest_checkpoint, save_checkpoint, truncate_jsonl
 from slimmoe.faults import CRASH_ENV
+from slimmoe.io.atomic import COMPLETE_FILE, atomic_write_text, is_complete, replace_folder, save_pretrained_atomic
 from tasks import steps
 
 

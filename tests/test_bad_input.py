@@ -217,8 +217,10 @@ def test_bad_input_exits_2_with_one_line_naming_it(w, tmp_path, capsys, build, n
 
 def test_the_base_config_passes_every_check_and_its_tokens_are_reused_by_the_flow(w, tmp_path, monkeypatch):
     """The rows fail for their own reason only; check_inputs' tokenisation is the flow's cache."""
-    from slimmoe import data, stages
-    from slimmoe.pipeline_config import PipelineConfig, check_inputs
+    from slimmoe.io import data
+    from slimmoe.pipeline import steps as stages
+    from slimmoe.pipeline.resolve import check_inputs
+    from slimmoe.pipeline.schema import PipelineConfig
 
     cfg = PipelineConfig.model_validate(pipeline(w, tmp_path / "out"))
     check_inputs(cfg)
@@ -235,7 +237,7 @@ def test_the_base_config_passes_every_check_and_its_tokens_are_reused_by_the_flo
 
 
 def test_force_lets_run_claim_a_foreign_folder(w, tmp_path):
-    from slimmoe.lock import check_output_owner
+    from slimmoe.io.lock import check_output_owner
 
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "f").write_text("1")

@@ -12,7 +12,7 @@ from tiny_models import tiny_model, tiny_teacher_with_tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from slimmoe.cli import main
-from slimmoe.plan import SlimPlan
+from slimmoe.prune.plan import SlimPlan
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_prune_without_data_warns_and_uses_random_tokens(phimoe_dir, tmp_path, c
 
 
 def test_active_params_follow_the_definition(phimoe_dir):
-    from slimmoe.evaluate import parameter_counts
+    from slimmoe.evaluation.params import parameter_counts
 
     model = AutoModelForCausalLM.from_pretrained(phimoe_dir)
     expert = 3 * 16 * 32  # gate, up, down of one expert

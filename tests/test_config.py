@@ -10,8 +10,8 @@ from tiny_models import tiny_model
 from slimmoe.arch import get_adapter
 from slimmoe.config import ImportanceConfig, PruneConfig, apply_overrides, format_validation_error, load_yaml
 from slimmoe.errors import UserError
-from slimmoe.plan import LayerPlan, SlimPlan
-from slimmoe.slim import apply_plan
+from slimmoe.prune.plan import LayerPlan, SlimPlan
+from slimmoe.prune.slim import apply_plan
 
 
 def message(data: dict) -> str:

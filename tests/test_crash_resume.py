@@ -26,8 +26,8 @@ from prefect.testing.utilities import prefect_test_harness
 from safetensors.torch import load_file
 from tiny_models import tiny_teacher_with_tokenizer
 
-from slimmoe.checkpoints import COMPLETE_FILE
 from slimmoe.faults import CRASH_ENV
+from slimmoe.io.atomic import COMPLETE_FILE
 
 STEPS = 8  # 2048 tokens / (8 x 32); checkpoints every 2 steps
 STEP_TASKS = ("importance-s1", "slim-s1", "distill-s1", "evaluate-s1", "evaluate-teacher")

@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from slimmoe.data import data_fingerprint, load_blocks, random_blocks
 from slimmoe.errors import UserError
-from slimmoe.tokenizer import train_bpe_tokenizer
+from slimmoe.io.data import data_fingerprint, load_blocks, random_blocks
+from slimmoe.io.tokenizer import train_bpe_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "data" / "tinyshakespeare.txt"
@@ -278,7 +278,7 @@ def test_bundled_corpus(tmp_path):
 
 
 def test_library_does_not_import_pipeline_engines():
-    code = ("import sys, slimmoe.data, slimmoe.tokenizer; "
+    code = ("import sys, slimmoe.io.data, slimmoe.io.tokenizer; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('prefect', 'mlflow')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)

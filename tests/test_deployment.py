@@ -136,7 +136,7 @@ def tiny_teacher(folder: Path) -> tuple[Path, Path]:
     """A tiny phimoe with a BPE tokenizer (vocab 300) trained on 20 KB of the bundled corpus."""
     from tiny_models import tiny_model
 
-    from slimmoe.tokenizer import train_bpe_tokenizer
+    from slimmoe.io.tokenizer import train_bpe_tokenizer
 
     folder.mkdir(parents=True)
     text = folder / "corpus.txt"

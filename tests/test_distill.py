@@ -8,18 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers_distill import (
     VOCAB,
     load_params,
+    one_torch_thread,  # noqa: F401 - autouse fixture
     save_pair,
     tiny_phimoe,
-    one_torch_thread,  # noqa: F401 - autouse fixture
 )
-from slimmoe import cli_distill
-from slimmoe.data import random_blocks
-from slimmoe.distill import DONE_FILE, LOSSES_FILE, distill, lr_lambda, step_sample_ids
+
+from slimmoe.cli import distill as cli_distill
+from slimmoe.distill.loop import DONE_FILE, LOSSES_FILE, distill, lr_lambda, step_sample_ids
 from slimmoe.errors import UserError
+from slimmoe.io.data import random_blocks
 
 SEQ = 16
 
@@ -144,7 +144,7 @@ def test_cli_on_text_data_saves_tokenizer(tmp_path):
     """--data is tokenised with the teacher's tokenizer, which is saved beside the student."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from slimmoe.tokenizer import train_bpe_tokenizer
+    from slimmoe.io.tokenizer import train_bpe_tokenizer
 
     root = Path(__file__).resolve().parents[1]
     text = tmp_path / "corpus.txt"

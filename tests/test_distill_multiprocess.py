@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import torch
-
 from helpers_distill import (
     load_params,
+    one_torch_thread,  # noqa: F401 - autouse fixture
     read_losses,
     run_cli,
     save_pair,
     tiny_phimoe,
-    one_torch_thread,  # noqa: F401 - autouse fixture
 )
 
 SEQ = 16

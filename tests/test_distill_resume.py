@@ -9,20 +9,20 @@ import time
 
 import pytest
 import torch
-
 from helpers_distill import (
     VOCAB,
     cli_cmd,
     env,
     load_params,
+    one_torch_thread,  # noqa: F401 - autouse fixture
     read_losses,
     run_cli,
     save_pair,
     tiny_phimoe,
-    one_torch_thread,  # noqa: F401 - autouse fixture
 )
-from slimmoe.data import random_blocks
-from slimmoe.distill import DONE_FILE, distill
+
+from slimmoe.distill.loop import DONE_FILE, distill
+from slimmoe.io.data import random_blocks
 
 SEQ = 16
 STEPS = 240

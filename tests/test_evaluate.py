@@ -12,9 +12,10 @@ import yaml
 from tiny_models import tiny_model
 
 from slimmoe.cli import main
-from slimmoe.evaluate import evaluate, kl_to_teacher
-from slimmoe.evaluate_extra import PeakMemory, generation_throughput, model_bytes
-from slimmoe.pipeline_config import EvalConfig
+from slimmoe.evaluation.quality import kl_to_teacher
+from slimmoe.evaluation.speed import PeakMemory, generation_throughput, resident_bytes
+from slimmoe.evaluation.summary import evaluate
+from slimmoe.pipeline.schema import EvalConfig
 
 CONTRACT = {"perplexity", "total_params", "active_params", "tokens_per_second"}
 
@@ -85,7 +86,7 @@ def test_evaluate_defaults_keep_the_contract_and_options_add_keys():
                                    "generate_tokens_per_second_b8"}
     assert out["kl_to_teacher"] == pytest.approx(reference_kl(m, t, ids), rel=1e-5)
     weights = sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])
-    assert out["peak_memory_bytes"] >= model_bytes(m) == weights
+    assert out["peak_memory_bytes"] >= resident_bytes(m) == weights
     assert all(out[k] > 0 for k in out if "per_second" in k)
 
 
@@ -129,7 +130,7 @@ SMALL = dict(max_blocks=3, batch_size=2, throughput_batch_sizes=[1, 8], generati
 
 
 def test_evaluate_stage_measures_kl_on_held_out_blocks_and_skips_it_for_the_teacher(saved):
-    from slimmoe.stages import evaluate_stage
+    from slimmoe.pipeline.steps import evaluate_stage
 
     root, teacher, student = saved
     out = evaluate_stage(str(root / "student"), str(root / "blocks.pt"), teacher_dir=str(root / "teacher"), **SMALL)

@@ -16,7 +16,7 @@ from tiny_models import tiny_model
 
 from slimmoe.arch import get_adapter
 from slimmoe.config import ImportanceConfig
-from slimmoe.importance import Wanted, estimate_importance
+from slimmoe.prune.importance import Wanted, estimate_importance
 
 EPS = 1e-3
 

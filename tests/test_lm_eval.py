@@ -12,7 +12,7 @@ import torch
 from tiny_models import tiny_teacher_with_tokenizer
 
 from slimmoe.errors import UserError
-from slimmoe.lm_eval_hook import flatten_results, run_lm_eval
+from slimmoe.evaluation.harness import flatten_results, run_lm_eval
 
 QUESTIONS = ["To be or not", "Good morrow, my", "What say you to", "Thou art a", "My lord, the", "Come hither,"]
 CHOICES = [["to be", "the king", "my lord"], ["sweet lady", "good sir", "lord"], ["this", "that", "me"],
@@ -59,7 +59,7 @@ def task_and_model(tmp_path):
 
 def test_lm_eval_accuracy_equals_a_hand_loglikelihood_loop(task_and_model, tmp_path):
     pytest.importorskip("lm_eval")
-    from slimmoe.stages import evaluate_stage
+    from slimmoe.pipeline.steps import evaluate_stage
 
     model_dir, folder, items = task_and_model
     torch.save({"train": torch.randint(3, 50, (2, 16)), "eval": torch.randint(3, 50, (2, 16))}, tmp_path / "b.pt")

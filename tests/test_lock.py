@@ -15,11 +15,11 @@ from tiny_models import tiny_teacher_with_tokenizer
 
 from slimmoe.cli import main
 from slimmoe.errors import UserError
-from slimmoe.lock import LOCK_FILE, check_output_owner, output_lock, read_holder, write_output_owner
+from slimmoe.io.lock import LOCK_FILE, check_output_owner, output_lock, read_holder, write_output_owner
 
 HOLD = textwrap.dedent("""
     import sys, time
-    from slimmoe.lock import output_lock
+    from slimmoe.io.lock import output_lock
     with output_lock(sys.argv[1], what="test holder"):
         print("locked", flush=True)
         time.sleep(120)

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from helpers_distill import one_torch_thread  # noqa: F401 - autouse fixture
+
 from slimmoe import losses
 
 B, T, V, K = 3, 7, 50, 5  # 21 positions: chunk sizes 4 and 8 do not divide it

@@ -7,19 +7,19 @@ import json
 
 import pytest
 import torch
-
 from helpers_distill import (
     VOCAB,
     load_params,
+    one_torch_thread,  # noqa: F401 - autouse fixture
     save_pair,
     tiny_phimoe,
-    one_torch_thread,  # noqa: F401 - autouse fixture
 )
+
 from slimmoe.cli import main
-from slimmoe.data import random_blocks
-from slimmoe.distill import DONE_FILE, distill
+from slimmoe.distill.loop import DONE_FILE, distill
 from slimmoe.errors import UserError
 from slimmoe.faults import NAN_ENV
+from slimmoe.io.data import random_blocks
 
 SEQ = 16
 KW = dict(tokens=6 * 4 * SEQ, batch_size=4, checkpoint_every=2, keep_checkpoints=10, lr=3e-3, progress=False)

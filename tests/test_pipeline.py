@@ -175,10 +175,11 @@ def test_prune_only_stage_writes_its_model_folder(pipeline):
 def test_the_flow_itself_refuses_a_folder_another_process_writes(pipeline):
     """A work pool starts the flow without `slimmoe run`: the flow takes the folder's lock itself
     (and, started by `slimmoe run`, re-enters the lock its own process already holds)."""
-    from flows.compress import compress
-    from slimmoe.lock import FolderLocked
-    from slimmoe.pipeline_config import PipelineConfig
     from test_lock import hold_in_child
+
+    from flows.compress import compress
+    from slimmoe.io.lock import FolderLocked
+    from slimmoe.pipeline.schema import PipelineConfig
 
     root, _, config = pipeline
     out = root / "held"

@@ -8,7 +8,8 @@ from tiny_models import tiny_config
 
 from slimmoe.cli import main
 from slimmoe.config import SlimTargets
-from slimmoe.pipeline_config import DEFAULT_STAGE_TOKENS, PipelineConfig, expand_schedule, load_pipeline_config
+from slimmoe.pipeline.resolve import expand_schedule
+from slimmoe.pipeline.schema import DEFAULT_STAGE_TOKENS, PipelineConfig, load_pipeline_config
 
 
 def write(tmp_path, data: dict):

@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 
-from slimmoe.report import read_curve, summarize_arms, write_report
+from slimmoe.pipeline.report import read_curve, summarize_arms, write_report
 
 TEACHER = {"perplexity": 50.0, "total_params": 1000, "active_params": 400}
 

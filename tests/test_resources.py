@@ -8,21 +8,21 @@ from collections import namedtuple
 
 import pytest
 import torch
-
 from helpers_distill import (
     VOCAB,
+    one_torch_thread,  # noqa: F401 - autouse fixture
     save_pair,
     tiny_phimoe,
-    one_torch_thread,  # noqa: F401 - autouse fixture
 )
-from slimmoe import distill as distill_mod
+
 from slimmoe import resources
 from slimmoe.cli import main
 from slimmoe.config import ImportanceConfig
-from slimmoe.data import random_blocks
-from slimmoe.distill import distill
-from slimmoe.importance import estimate_importance
-from slimmoe.resources import GIB, ResourceError, check_disk, model_bytes, oom_hint, tensor_bytes
+from slimmoe.distill import loop as distill_mod
+from slimmoe.distill.loop import distill
+from slimmoe.io.data import random_blocks
+from slimmoe.prune.importance import estimate_importance
+from slimmoe.resources import GIB, ResourceError, check_disk, oom_hint, state_dict_bytes, tensor_bytes
 
 SEQ = 16
 Usage = namedtuple("Usage", "total used free")
@@ -43,7 +43,7 @@ def test_check_disk_message_and_threshold(tmp_path, monkeypatch):
 def test_tensor_bytes_counts_model_and_adam_state():
     model = tiny_phimoe(1)
     n = sum(p.numel() for p in model.parameters())
-    assert model_bytes(model) == 4 * sum(t.numel() for t in model.state_dict().values())
+    assert state_dict_bytes(model) == 4 * sum(t.numel() for t in model.state_dict().values())
     opt = torch.optim.AdamW(model.parameters())
     model(input_ids=torch.zeros(1, 4, dtype=torch.long)).logits.sum().backward()
     opt.step()
@@ -52,7 +52,7 @@ def test_tensor_bytes_counts_model_and_adam_state():
 
 def test_distill_checkpoint_needs_room(tmp_path, monkeypatch):
     teacher, student = tiny_phimoe(0), tiny_phimoe(1)
-    need = int((2 * model_bytes(student) + model_bytes(student)) * 1.1)  # weights + Adam moments, > 0 free
+    need = int((2 * state_dict_bytes(student) + state_dict_bytes(student)) * 1.1)  # weights + Adam moments, > 0 free
     low_disk(monkeypatch, need // 4)
     with pytest.raises(ResourceError, match=r"checkpoints: needs ~\d+\.\d\d GiB free, 0\.00 GiB available"):
         distill(student, teacher, tmp_path / "out", random_blocks(VOCAB, 16, SEQ), tokens=4 * 4 * SEQ, batch_size=4,
@@ -61,8 +61,8 @@ def test_distill_checkpoint_needs_room(tmp_path, monkeypatch):
 
 
 def test_slimmed_model_needs_room_and_leaves_old_output(tmp_path, monkeypatch):
-    from slimmoe.plan import SlimPlan
-    from slimmoe.slim import save_slimmed
+    from slimmoe.prune.plan import SlimPlan
+    from slimmoe.prune.slim import save_slimmed
 
     out = tmp_path / "pruned"
     out.mkdir()

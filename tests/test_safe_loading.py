@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tiny_models import tiny_model, tiny_teacher_with_tokenizer
+from tiny_models import tiny_model
 
 from slimmoe.cli import main
 from slimmoe.errors import UserError
-from slimmoe.loading import load_config, load_model, loading_policy
-from slimmoe.pipeline_config import PipelineConfig, check_inputs
+from slimmoe.io.loading import load_config, load_model, loading_policy
+from slimmoe.pipeline.schema import PipelineConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,12 +12,12 @@ from transformers import AutoModelForCausalLM
 from slimmoe.arch import get_adapter
 from slimmoe.config import SlimTargets
 from slimmoe.errors import UserError
-from slimmoe.plan import resolve_targets
-from slimmoe.schedule import estimate_total_params, format_schedule, interpolate_stages
+from slimmoe.prune.plan import resolve_targets
+from slimmoe.prune.schedule import estimate_total_params, format_schedule, interpolate_stages
 
 
 def slimmed_config(config, targets: SlimTargets):
-    """The config of ``config``'s model slimmed to ``targets`` (as slimmoe.slim writes it)."""
+    """The config of ``config``'s model slimmed to ``targets`` (as slimmoe.prune.slim writes it)."""
     adapter = get_adapter(config)
     sizes = resolve_targets(adapter, config, targets)
     new = copy.deepcopy(config)

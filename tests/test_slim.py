@@ -12,13 +12,12 @@ import contextlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 from tiny_models import CONFIGS, tiny_model
 from transformers import AutoModelForCausalLM
 
 from slimmoe.arch import get_adapter
-from slimmoe.plan import LayerPlan, SlimPlan
-from slimmoe.slim import apply_plan, save_slimmed
+from slimmoe.prune.plan import LayerPlan, SlimPlan
+from slimmoe.prune.slim import apply_plan, save_slimmed
 
 KV_REFUSED = {"olmoe", "deepseek_v3"}
 

@@ -15,12 +15,13 @@ from slimmoe.arch import get_adapter
 from slimmoe.cli import main
 from slimmoe.config import PruneConfig, SlimTargets
 from slimmoe.errors import UserError
-from slimmoe.evaluate import parameter_counts
-from slimmoe.pipeline_config import PipelineConfig, StageConfig, check_config, load_pipeline_config
-from slimmoe.plan import resolve_targets
-from slimmoe.prune import prune
-from slimmoe.schedule import estimate_active_params, estimate_total_params
-from slimmoe.strategies import resolve_sizes, resolve_stages
+from slimmoe.evaluation.params import parameter_counts
+from slimmoe.pipeline.resolve import check_config, resolve_stages
+from slimmoe.pipeline.schema import PipelineConfig, StageConfig, load_pipeline_config
+from slimmoe.prune.one_shot import prune
+from slimmoe.prune.plan import resolve_targets
+from slimmoe.prune.schedule import estimate_active_params, estimate_total_params
+from slimmoe.prune.strategies import resolve_sizes
 
 # Room on every axis: width 128, 8 experts (top-2), 2 layers; qwen2_moe adds a shared expert of 24.
 ROOMY = {"phimoe": dict(intermediate_size=128, num_local_experts=8),
@@ -224,7 +225,7 @@ def test_prune_cli_solves_a_parameter_target(tmp_path, capsys):
 
 
 def test_schedule_with_a_parameter_target_steps_down_to_the_solved_sizes():
-    from slimmoe.pipeline_config import expand_schedule
+    from slimmoe.pipeline.resolve import expand_schedule
 
     config = tiny_config("phimoe", **ROOMY["phimoe"])
     target = int(estimate_total_params(config) * 0.4)

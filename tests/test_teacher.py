@@ -7,11 +7,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import slimmoe.distill
-from slimmoe.data import load_blocks
+import slimmoe.pipeline.demo_teacher as demo_teacher
 from slimmoe.errors import UserError
-from slimmoe.evaluate import perplexity
-from slimmoe.teacher import MARKER_FILE, TeacherConfig, phimoe_config, train_teacher
+from slimmoe.evaluation.quality import perplexity
+from slimmoe.io.data import load_blocks
+from slimmoe.pipeline.demo_teacher import MARKER_FILE, TeacherConfig, phimoe_config, train_teacher
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
 
@@ -59,18 +59,18 @@ def trained(small_corpus, tmp_path_factory):
         train_teacher(cfg, out, progress=False, metrics_callback=crash_at_60)
     crashed_left_out_dir = out.exists()
     resumed_from = []
-    orig = slimmoe.distill.distill
+    orig = demo_teacher.distill
 
     def spy(*args, **kwargs):
         res = orig(*args, **kwargs)
         resumed_from.append(res.resumed_from_step)
         return res
 
-    slimmoe.distill.distill = spy
+    demo_teacher.distill = spy
     try:
         result = train_teacher(cfg, out, progress=False)
     finally:
-        slimmoe.distill.distill = orig
+        demo_teacher.distill = orig
     return dict(cfg=cfg, out=out, root=root, result=result, crashed_left_out_dir=crashed_left_out_dir,
                 resumed_from=resumed_from)
 
@@ -115,7 +115,7 @@ def test_second_call_returns_without_training(trained, monkeypatch):
     def no_training(*a, **k):
         raise AssertionError("distill must not run for a finished teacher")
 
-    monkeypatch.setattr(slimmoe.distill, "distill", no_training)
+    monkeypatch.setattr(demo_teacher, "distill", no_training)
     again = train_teacher(trained["cfg"], out, progress=False)
     assert again["already_done"]
     assert again["perplexity"] == trained["result"]["perplexity"]
@@ -126,7 +126,7 @@ def test_changed_config_is_not_taken_for_the_finished_one(trained, monkeypatch):
     def training_started(*a, **k):
         raise Crash()
 
-    monkeypatch.setattr(slimmoe.distill, "distill", training_started)
+    monkeypatch.setattr(demo_teacher, "distill", training_started)
     with pytest.raises(Crash):  # it goes on to train, instead of returning the old teacher
         train_teacher(tiny_cfg(trained["cfg"].corpus, seed=1), trained["out"], progress=False)
     assert json.loads((trained["out"] / MARKER_FILE).read_text())["config"]["seed"] == 0  # old one intact

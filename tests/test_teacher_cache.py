@@ -5,17 +5,17 @@ from __future__ import annotations
 import json
 
 import torch
-
 from helpers_distill import (
     VOCAB,
     load_params,
-    tiny_phimoe,
     one_torch_thread,  # noqa: F401 - autouse fixture
+    tiny_phimoe,
 )
+
 from slimmoe import losses
-from slimmoe.data import random_blocks
-from slimmoe.distill import distill
-from slimmoe.teacher_cache import INDEX_FILE, build_or_open, fingerprint_model
+from slimmoe.distill.loop import distill
+from slimmoe.distill.teacher_cache import INDEX_FILE, build_or_open, fingerprint_model
+from slimmoe.io.data import random_blocks
 
 SEQ = 16
 

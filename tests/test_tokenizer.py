@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from slimmoe.errors import UserError
-from slimmoe.tokenizer import train_bpe_tokenizer
+from slimmoe.io.tokenizer import train_bpe_tokenizer
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
 TEXT = (

@@ -18,9 +18,8 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 pytest.importorskip("mlflow")
 pytest.importorskip("matplotlib")
 
+from slimmoe.prune.importance import ImportanceScores  # noqa: E402
 from tasks.tracking import Tracker, default_uri, metric_name  # noqa: E402
-
-from slimmoe.importance import ImportanceScores  # noqa: E402
 
 PARENT = "mlflow.parentRunId"
 

@@ -71,7 +71,7 @@ def tiny_teacher_with_tokenizer(folder, corpus_chars: int = 20000, model_type: s
     corpus, saved like a real checkpoint: ``folder/model`` and the text ``folder/corpus.txt``."""
     from pathlib import Path
 
-    from slimmoe.tokenizer import train_bpe_tokenizer
+    from slimmoe.io.tokenizer import train_bpe_tokenizer
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,118 @@
+"""From a pipeline config as written to the explicit stages a flow runs, and the checks
+that fail before anything starts.
+
+``stages`` or ``schedule`` with sizes or parameter targets -> :func:`resolve_pipeline` ->
+explicit sizes per stage (``StageConfig.targets()``), every path absolute.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+from slimmoe.arch import get_adapter
+from slimmoe.errors import UserError
+from slimmoe.io.loading import load_config
+from slimmoe.pipeline.preflight import check_data_paths, check_smaller, check_teacher_and_data, check_topk, cut
+from slimmoe.pipeline.schema import PipelineConfig, StageConfig
+from slimmoe.prune.plan import resolve_targets, source_sizes
+from slimmoe.prune.schedule import format_schedule, interpolate_stages
+from slimmoe.prune.strategies import resolve_sizes
+
+
+def expand_schedule(cfg: PipelineConfig, teacher_config) -> PipelineConfig:
+    """Turn ``schedule`` into explicit stages (``stage1`` ... ``final``); a copy of ``cfg``."""
+    if cfg.schedule is None:
+        return cfg
+    sch = cfg.schedule
+    final = sch.final
+    if sch.total_params is not None or sch.active_params is not None:
+        try:
+            final = resolve_sizes(teacher_config, sch.strategy, sch.total_params, sch.active_params, sch.final)
+        except UserError as e:
+            raise UserError(f"schedule.{e}") from None
+    targets = interpolate_stages(teacher_config, final, sch.num_stages)
+    stages = [
+        StageConfig(
+            name="final" if i == len(targets) - 1 else f"stage{i + 1}",
+            **t.model_dump(),
+            strategy=sch.strategy,
+            importance=sch.importance,
+            distill=sch.distill,
+            eval=sch.eval,
+        )
+        for i, t in enumerate(targets)
+    ]
+    return cfg.model_copy(update={"stages": stages, "schedule": None})
+
+
+def resolve_stages(cfg: PipelineConfig, teacher_config) -> PipelineConfig:
+    """A copy of ``cfg`` whose stages with a parameter target carry explicit sizes instead.
+
+    Stages are solved in order, each from the shape the previous stage left (the teacher's
+    for the first); targets are absolute counts. Errors name ``stages.N.<field>``.
+    """
+    if not any(s.has_param_target() for s in cfg.stages):
+        return cfg
+    adapter = get_adapter(teacher_config)
+    current = copy.deepcopy(teacher_config)
+    stages = []
+    for i, stage in enumerate(cfg.stages):
+        try:
+            if stage.has_param_target():
+                t = resolve_sizes(current, stage.strategy, stage.total_params, stage.active_params, stage.targets())
+                stage = stage.model_copy(update={**t.model_dump(), "total_params": None, "active_params": None})
+            sizes = resolve_targets(adapter, current, stage.targets())
+        except UserError as e:
+            raise UserError(f"stages.{i}.{e}") from None
+        adapter.update_config(current, expert_size=sizes["expert_intermediate_size"], num_experts=sizes["num_experts"],
+                              kv_heads=sizes["num_key_value_heads"], shared_size=sizes["shared_intermediate_size"])
+        stages.append(stage)
+    return cfg.model_copy(update={"stages": stages})
+
+
+def format_stages(cfg: PipelineConfig, teacher_config) -> str:
+    """The sizes every stage of a resolved ``cfg`` cuts to, as ``format_schedule`` prints them."""
+    return format_schedule([s.targets() for s in cfg.stages], teacher_config, names=[s.name for s in cfg.stages])
+
+
+def resolve_pipeline(config: PipelineConfig, echo: Callable[[str], None] = print) -> PipelineConfig:
+    """Explicit stages for ``config``: an automatic schedule expanded and parameter targets
+    solved into sizes (both tables are passed to ``echo`` before anything runs). A dense or
+    unsupported teacher fails here, before any work."""
+    teacher_cfg = load_config(config.teacher, "teacher")
+    get_adapter(teacher_cfg)
+    cfg = expand_schedule(config, teacher_cfg)
+    if config.schedule is not None:
+        echo("automatic schedule:\n" + format_schedule([s.targets() for s in cfg.stages], teacher_cfg))
+    if any(s.has_param_target() for s in cfg.stages):
+        cfg = resolve_stages(cfg, teacher_cfg)
+        echo("sizes chosen for the parameter targets:\n" + format_stages(cfg, teacher_cfg))
+    return cfg
+
+
+def check_inputs(cfg: PipelineConfig) -> None:
+    """Fail fast, before any flow starts and before anything is written: everything
+    :func:`check_config` checks, then a pickle-only or truncated teacher, an unreachable
+    tracking server, a tokenizer that does not fit the teacher, and a corpus that is empty or
+    shorter than one block (tokenised into the cache the flow's prepare step then reuses)."""
+    check_teacher_and_data(cfg.teacher, check_config(cfg), cfg.data, cfg.tracking_uri())
+
+
+def check_config(cfg: PipelineConfig):
+    """The checks that need only the teacher's config.json: a missing, dense or unsupported
+    teacher, missing data paths, top-k beyond the vocabulary, and stage targets its
+    predecessor cannot be cut to (larger, not smaller, KV heads not dividing the query
+    heads). Returns the teacher's config."""
+    teacher = load_config(cfg.teacher, "teacher")
+    adapter = get_adapter(teacher)
+    check_data_paths(cfg.data)
+    stages = resolve_stages(expand_schedule(cfg, teacher), teacher).stages
+    check_topk(stages, teacher.vocab_size)
+    current = copy.deepcopy(teacher)
+    for i, stage in enumerate(stages):
+        before = source_sizes(adapter, current)
+        t = cut(adapter, current, stage.targets(), f"stages.{i}.")
+        if cfg.schedule is None:
+            check_smaller(i, before, t, f"stages.{i - 1}" if i else "the teacher")
+    return teacher

@@ -1,0 +1,29 @@
+"""Step: importance of a model's structures against the original teacher."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from slimmoe.arch import get_adapter
+from slimmoe.config import ImportanceConfig, SlimTargets
+from slimmoe.faults import crash_point
+from slimmoe.io.loading import load_model
+from slimmoe.pipeline.steps.data import load_prepared
+from slimmoe.prune.importance import estimate_importance, wanted_for
+
+
+def score(model_dir: str, teacher_dir: str | None, blocks_path: str, cfg: ImportanceConfig, targets: SlimTargets,
+          out_path: str | Path, progress: bool = True) -> dict:
+    """Importance of ``model_dir``'s structures against the teacher (itself when None)."""
+    model = load_model(model_dir)
+    want = wanted_for(get_adapter(model.config), model.config, targets)
+    teacher = load_model(teacher_dir, "teacher") if teacher_dir else None
+    train, _ = load_prepared(blocks_path)
+    scores = estimate_importance(model, train, cfg, teacher=teacher, want=want, progress=progress)
+    crash_point("importance")  # tests: die with the scores computed but not saved
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    scores.save(out_path)
+    return {"path": str(out_path), "fingerprint": hashlib.sha256(out_path.read_bytes()).hexdigest()[:24],
+            "calibration_tokens": int(train[: cfg.samples].numel())}

@@ -1,0 +1,76 @@
+"""One-shot slimming of a checkpoint: calibration data -> importance -> plan -> smaller model."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from slimmoe.arch import get_adapter
+from slimmoe.config import PruneConfig
+from slimmoe.errors import UserError
+from slimmoe.evaluation.params import parameter_counts
+from slimmoe.io.data import load_blocks, random_blocks
+from slimmoe.io.loading import load_config, load_model, load_tokenizer
+from slimmoe.prune.importance import estimate_importance, wanted_for
+from slimmoe.prune.plan import PLAN_FILE, build_plan, resolve_targets
+from slimmoe.prune.slim import apply_plan, save_slimmed
+
+log = logging.getLogger("slimmoe")
+SCORES_FILE = "importance.pt"
+
+
+def calibration_blocks(cfg: PruneConfig, tokenizer, vocab_size: int) -> torch.Tensor:
+    """Token blocks for scoring: the text in ``cfg.data`` or, failing that, random tokens."""
+    imp = cfg.importance
+    if cfg.data is not None and tokenizer is not None:
+        blocks, _ = load_blocks(cfg.data, tokenizer, imp.seq_len, max_blocks=imp.samples, fields=("--data", "--data"))
+        if blocks.shape[0] < imp.samples:
+            log.warning("data: %s holds %d blocks of %d tokens, fewer than samples=%d", cfg.data, blocks.shape[0], imp.seq_len, imp.samples)
+        return blocks
+    why = "no --data given" if cfg.data is None else "the checkpoint has no tokenizer"
+    log.warning("calibrating on random token sequences (%s); scores from real text are better", why)
+    return random_blocks(vocab_size, imp.samples, imp.seq_len, seed=imp.seed)
+
+
+def check_output(out: Path, force: bool) -> None:
+    """Refuse to replace a folder that is not an earlier slimmoe output, unless forced."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / PLAN_FILE).exists() and not force)):
+        raise UserError(f"OUT: {out} exists and is not an earlier slimmoe output; pass --force to replace it")
+
+
+def prune(model_path: str, out: str | Path, cfg: PruneConfig, teacher_path: str | None = None,
+          force: bool = False, progress: bool = True) -> dict:
+    """Score ``model_path`` and save the slimmed checkpoint plus ``slim_plan.json`` in ``out``.
+
+    Everything is validated (paths, targets, architecture) before any weight is loaded, and
+    ``out`` is only replaced once the new checkpoint is fully written.
+    """
+    out = Path(out)
+    check_output(out, force)
+    config = load_config(model_path)
+    adapter = get_adapter(config)
+    resolve_targets(adapter, config, cfg.targets)  # bad targets fail before any weight is loaded
+    if cfg.importance.loss != "lm" and cfg.importance.topk > config.vocab_size:
+        raise UserError(f"--topk: {cfg.importance.topk} is larger than MODEL's vocabulary ({config.vocab_size} tokens)")
+    model = load_model(model_path)
+    teacher = load_model(teacher_path, "TEACHER") if teacher_path else None
+    tokenizer = load_tokenizer(model_path)
+    blocks = calibration_blocks(cfg, tokenizer, config.vocab_size)
+    want = wanted_for(adapter, config, cfg.targets)  # score only what the plan cuts
+    scores = estimate_importance(model, blocks, cfg.importance, teacher=teacher, want=want, progress=progress)
+    plan = build_plan(adapter, model, scores, cfg.targets, score_info=cfg.importance.model_dump())
+    before = parameter_counts(model)
+    slim = apply_plan(model, plan)
+    del model
+    after = parameter_counts(slim)
+    save_slimmed(slim, plan, out, tokenizer=tokenizer, extra={SCORES_FILE: scores.save})
+    return {
+        "output": str(out),
+        "source": plan.source,
+        "target": plan.target,
+        "params_before": before,
+        "params_after": after,
+        "calibration_tokens": int(blocks.numel()),
+    }
