@@ -57,21 +57,22 @@ class ImportanceConfig(StrictModel):
 
     samples: int = Field(64, gt=0, description="calibration sequences")
     seq_len: int = Field(128, gt=1, description="tokens per calibration sequence")
-    batch_size: int = Field(4, gt=0)
+    batch_size: int = Field(4, gt=0, description="calibration sequences per forward/backward pass")
     score: NeuronScore = Field("taylor", description="score of expert neurons and KV groups")
-    expert_score: ExpertScore = Field("taylor", description="score of whole experts (expert dropping)")
-    loss: ImportanceLoss = "kd_topk_renorm"
+    expert_score: ExpertScore = Field("taylor", description="score of whole experts, to drop some "
+                               "(strategies drop and slim+drop use reap unless given)")
+    loss: ImportanceLoss = Field("kd_topk_renorm", description="loss whose sensitivity taylor scores measure")
     topk: int = Field(8, gt=0, description="teacher logits kept by the KD loss")
-    temperature: float = Field(1.0, gt=0)
-    seed: int = 0
+    temperature: float = Field(1.0, gt=0, description="softmax temperature of the KD loss")
+    seed: int = Field(0, description="seed of the calibration sample and of random scores")
 
 
 class SlimTargets(StrictModel):
     """Target sizes of one slimming step. None keeps the source's size."""
 
-    expert_intermediate_size: int | None = Field(None, gt=0)
-    num_key_value_heads: int | None = Field(None, gt=0)
-    num_experts: int | None = Field(None, gt=0)
+    expert_intermediate_size: int | None = Field(None, gt=0, description="target width of every expert")
+    num_key_value_heads: int | None = Field(None, gt=0, description="target KV groups (query heads follow)")
+    num_experts: int | None = Field(None, gt=0, description="target experts per layer (drops the lowest-scored)")
 
     def is_noop(self) -> bool:
         return all(v is None for v in self.model_dump().values())
@@ -80,8 +81,8 @@ class SlimTargets(StrictModel):
 class PruneConfig(StrictModel):
     """Everything `slimmoe prune` needs: targets, scoring and calibration data."""
 
-    targets: SlimTargets = SlimTargets()
-    importance: ImportanceConfig = ImportanceConfig()
+    targets: SlimTargets = Field(SlimTargets(), description="target sizes; a size left out keeps the source's")
+    importance: ImportanceConfig = Field(ImportanceConfig(), description="how structures are scored")
     data: Path | None = Field(None, description="calibration text; random tokens when absent")
 
     @field_validator("data")
@@ -218,33 +219,34 @@ class DistillConfig(StrictModel):
     tokens: int = Field(..., gt=0, description="training token budget (input tokens)")
     batch_size: int = Field(8, gt=0, description="global sequences per optimizer step")
     micro_batch_size: int | None = Field(None, gt=0, description="sequences per forward per process")
-    lr: float = Field(3.0e-4, gt=0)
+    lr: float = Field(3.0e-4, gt=0, description="peak learning rate (AdamW)")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to lr * this")
-    warmup_fraction: float = Field(0.05, ge=0, lt=1)
-    weight_decay: float = Field(0.01, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    loss: DistillLoss = "kd_topk"
+    warmup_fraction: float = Field(0.05, ge=0, lt=1, description="share of the steps spent warming up linearly")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not on biases and norms)")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm to this")
+    loss: DistillLoss = Field("kd_topk", description="distillation loss (docs/distill.md); lm = next-token loss only")
     alpha: float = Field(1.0, ge=0, le=1, description="weight of the KD term; 1 - alpha goes to LM loss")
-    topk: int = Field(8, gt=0)
-    temperature: float = Field(1.0, gt=0)
+    topk: int = Field(8, gt=0, description="teacher logits kept per position by the top-k losses")
+    temperature: float = Field(1.0, gt=0, description="softmax temperature of teacher and student")
     chunk_size: int = Field(512, gt=0, description="positions per loss chunk (memory vs vocab x chunk)")
     router_aux_loss_coef: float = Field(0.0, ge=0, description="student load-balancing loss weight")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the batch order and of per-step randomness (router noise)")
     checkpoint_every: int | None = Field(None, gt=0, description="optimizer steps between checkpoints")
-    keep_checkpoints: int = Field(2, gt=0)
+    keep_checkpoints: int = Field(2, gt=0, description="newest checkpoints kept on disk")
     eval_every: int | None = Field(None, gt=0, description="optimizer steps between held-out evals")
-    eval_batch_size: int = Field(8, gt=0)
+    eval_batch_size: int = Field(8, gt=0, description="sequences per forward of a held-out eval")
     keep_best: bool = Field(True, description="final model = best held-out checkpoint")
     early_stopping_patience: int | None = Field(None, gt=0, description="evals without improvement")
-    gradient_checkpointing: bool = False
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    experts_implementation: Literal["auto", "eager", "batched_mm", "grouped_mm"] = "auto"
-    teacher_cache_dir: Path | None = Field(None, description="teacher top-k cache; None = off")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description="auto: bf16 where the GPU supports it")
+    experts_implementation: Literal["auto", "eager", "batched_mm", "grouped_mm"] = Field(
+        "auto", description="transformers' experts kernel; auto = fastest measured on the device")
+    teacher_cache_dir: Path | None = Field(None, description="folder caching the teacher's top-k outputs (off when unset)")
     teacher_device_map: str | None = Field(None, description="e.g. 'auto' to spread a large teacher")
-    distributed: Literal["ddp", "fsdp"] = "ddp"
-    log_every: int = Field(1, gt=0)
-    progress: bool = True
+    distributed: Literal["ddp", "fsdp"] = Field("ddp", description="how processes under torchrun share the student")
+    log_every: int = Field(1, gt=0, description="optimizer steps between logged metrics")
+    progress: bool = Field(True, description="progress bar on stderr")
     nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="a NaN/inf loss or gradient norm: stop with an error, or skip that batch's update")
     max_nonfinite_skips: int = Field(10, ge=0, description="with nonfinite: skip, stop after this many skips")

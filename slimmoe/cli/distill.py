@@ -13,9 +13,38 @@ import os
 import sys
 from pathlib import Path
 
+from pydantic import Field, model_validator
+
 from slimmoe.cli.common import add_safety_flags, run_guarded
+from slimmoe.cli.flags import ModelFlags
+from slimmoe.config import DistillConfig, StrictModel
 from slimmoe.errors import UserError
-from slimmoe.io.loading import has_tokenizer
+
+
+class DistillData(StrictModel):
+    """Where the token blocks come from (these flags are not DistillConfig fields)."""
+
+    data: str | None = Field(None, description="training text (file, folder or hub id); "
+                             "random tokens when absent")
+    eval_data: str | None = Field(None, description="held-out text (default: the last --eval-fraction of --data)")
+    eval_fraction: float = Field(0.0, ge=0, lt=1, description="share of the blocks held out for evaluation")
+    seq_len: int = Field(128, ge=2, description="tokens per block")
+    random_blocks: int = Field(256, gt=0, description="blocks of random tokens when --data is absent")
+    max_blocks: int | None = Field(None, gt=0, description="cap on train blocks")
+
+    @model_validator(mode="after")
+    def _local_paths_exist(self) -> DistillData:
+        for name in ("data", "eval_data"):
+            value = getattr(self, name)
+            if value is not None and _looks_local(value) and not Path(value).exists():
+                raise ValueError(f"--{name.replace('_', '-')}: no such file or folder: {value}")
+        return self
+
+
+DATA_FLAGS = ModelFlags(DistillData, errors="flag", metavars={"data": "PATH", "eval_data": "PATH"})
+DISTILL_FLAGS = ModelFlags(DistillConfig, aliases={"teacher_cache_dir": ["--teacher-cache"]},
+                           metavars={"checkpoint_every": "STEPS", "eval_every": "STEPS", "teacher_cache_dir": "DIR",
+                                     "teacher_device_map": "MAP"})
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -23,36 +52,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "distill",
         help="distil a student from a teacher (one stage, resumable)",
         description="Distil STUDENT from TEACHER on --data; write the final student to OUT. "
-        "Running the same command again after a crash resumes from OUT/checkpoints.",
+        "Running the same command again after a crash resumes from OUT/checkpoints. "
+        "The training flags are the fields of slimmoe.config.DistillConfig.",
     )
     p.add_argument("student", help="student checkpoint folder")
     p.add_argument("teacher", help="teacher checkpoint folder ('none' with --loss lm)")
     p.add_argument("out", help="output folder")
-    p.add_argument("--data", help="training text (file, folder or hub id); random tokens when absent")
-    p.add_argument("--eval-data", help="held-out text (default: the last --eval-fraction of --data)")
-    p.add_argument("--eval-fraction", type=float, default=0.0)
-    p.add_argument("--tokens", type=int, required=True, help="token budget")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--random-blocks", type=int, default=256, help="blocks of random tokens when --data is absent")
-    p.add_argument("--max-blocks", type=int, default=None, help="cap on train blocks")
-    p.add_argument("--batch-size", type=int, default=8, help="global sequences per optimizer step")
-    p.add_argument("--micro-batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=3.0e-4)
-    p.add_argument("--loss", default="kd_topk", choices=["kd_topk", "kd_topk_renorm", "kl", "lm"])
-    p.add_argument("--alpha", type=float, default=1.0, help="KD weight; 1-alpha on next-token loss")
-    p.add_argument("--topk", type=int, default=8)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS")
-    p.add_argument("--keep-checkpoints", type=int, default=2)
-    p.add_argument("--eval-every", type=int, default=None, metavar="STEPS")
-    p.add_argument("--early-stopping-patience", type=int, default=None)
-    p.add_argument("--teacher-cache", default=None, metavar="DIR", help="cache teacher top-k outputs here")
-    p.add_argument("--teacher-device-map", default=None)
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--experts-implementation", default="auto", choices=["auto", "eager", "batched_mm", "grouped_mm"])
-    p.add_argument("--distributed", default="ddp", choices=["ddp", "fsdp"])
-    p.add_argument("--no-progress", action="store_true")
+    DATA_FLAGS.add_to(p, "data")
+    DISTILL_FLAGS.add_to(p, "distillation (DistillConfig)")
     add_safety_flags(p)
     p.set_defaults(func=run)
     return p
@@ -73,26 +80,6 @@ def _vocab_size(path: Path) -> int | None:
     return doc.get("vocab_size") or doc.get("text_config", {}).get("vocab_size")
 
 
-def _build_config(args):
-    from pydantic import ValidationError
-
-    from slimmoe.config import DistillConfig, format_validation_error
-
-    try:
-        return DistillConfig(
-            tokens=args.tokens, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, lr=args.lr,
-            loss=args.loss, alpha=args.alpha, topk=args.topk, temperature=args.temperature, seed=args.seed,
-            checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
-            eval_every=args.eval_every, early_stopping_patience=args.early_stopping_patience,
-            teacher_cache_dir=args.teacher_cache, teacher_device_map=args.teacher_device_map,
-            gradient_checkpointing=args.gradient_checkpointing,
-            experts_implementation=args.experts_implementation, distributed=args.distributed,
-            progress=not args.no_progress,
-        )
-    except ValidationError as e:
-        raise UserError(format_validation_error(e)) from None
-
-
 def run(args) -> int:
     out = Path(args.out)
     from slimmoe.distill.loop import DONE_FILE
@@ -102,7 +89,8 @@ def run(args) -> int:
             print(f"slimmoe distill: {out} is already done (remove {out / DONE_FILE} to run again)",
                   file=sys.stderr)
         return 0
-    cfg = _build_config(args)
+    cfg = DISTILL_FLAGS.build(args)
+    data = DATA_FLAGS.build(args)
     student = _check_model_dir(args.student, "STUDENT")
     no_teacher = args.teacher.lower() == "none"
     if no_teacher and cfg.loss != "lm":
@@ -113,15 +101,11 @@ def run(args) -> int:
         raise UserError(f"--topk: {cfg.topk} is larger than the vocabulary ({vs} tokens)")
     if teacher is not None and _vocab_size(teacher) != vs:
         raise UserError(f"TEACHER: vocab size {_vocab_size(teacher)} differs from STUDENT's {vs}")
-    for name in ("data", "eval_data"):
-        value = getattr(args, name)
-        if value is not None and _looks_local(value) and not Path(value).exists():
-            raise UserError(f"--{name.replace('_', '-')}: no such file or folder: {value}")
-    if args.seq_len < 2:
-        raise UserError(f"--seq-len: must be >= 2, got {args.seq_len}")
+
+    from slimmoe.io.loading import has_tokenizer
 
     tok_dir = next((d for d in (teacher, student) if d is not None and has_tokenizer(d)), None)
-    train, evalb = _load_data(args, tok_dir, vs)
+    train, evalb = _load_data(data, tok_dir, vs, cfg.seed)
 
     from slimmoe.distill.loop import distill
 
@@ -143,15 +127,15 @@ def _looks_local(value: str) -> bool:
     return value.startswith((".", "/", "~")) or Path(value).suffix != "" or "/" not in value
 
 
-def _load_data(args, tok_dir: Path | None, vocab_size: int):
+def _load_data(d: DistillData, tok_dir: Path | None, vocab_size: int, seed: int):
     import torch
 
     from slimmoe.io.data import load_blocks, random_blocks
 
-    if args.data is None:
-        train = random_blocks(vocab_size, args.random_blocks, args.seq_len, seed=args.seed)
-        n_eval = int(round(args.random_blocks * args.eval_fraction))
-        evalb = random_blocks(vocab_size, n_eval, args.seq_len, seed=args.seed + 1) if n_eval else None
+    if d.data is None:
+        train = random_blocks(vocab_size, d.random_blocks, d.seq_len, seed=seed)
+        n_eval = int(round(d.random_blocks * d.eval_fraction))
+        evalb = random_blocks(vocab_size, n_eval, d.seq_len, seed=seed + 1) if n_eval else None
         return train, evalb
     if tok_dir is None:
         raise UserError("TEACHER: no tokenizer in the teacher or student folder; needed to tokenize --data")
@@ -160,10 +144,10 @@ def _load_data(args, tok_dir: Path | None, vocab_size: int):
     tok = load_tokenizer(str(tok_dir))
     if tok is None:
         raise UserError(f"TEACHER: the tokenizer in {tok_dir} cannot be loaded")
-    train, evalb = load_blocks(args.data, tok, args.seq_len, eval_fraction=args.eval_fraction,
-                               eval_path=args.eval_data, max_blocks=args.max_blocks, fields=("--data", "--eval-data"))
+    train, evalb = load_blocks(d.data, tok, d.seq_len, eval_fraction=d.eval_fraction,
+                               eval_path=d.eval_data, max_blocks=d.max_blocks, fields=("--data", "--eval-data"))
     if train.shape[0] == 0:
-        raise UserError(f"--data: {args.data} gives no block of {args.seq_len} tokens")
+        raise UserError(f"--data: {d.data} gives no block of {d.seq_len} tokens")
     if int(train.max()) >= vocab_size:
         raise UserError(f"--data: token id {int(train.max())} >= vocab size {vocab_size}")
     return train, (evalb if evalb.shape[0] else None) if isinstance(evalb, torch.Tensor) else None

@@ -6,18 +6,44 @@ import json
 import logging
 from pathlib import Path
 
+from pydantic import Field, field_validator
+
 from slimmoe.cli.common import add_safety_flags
-from slimmoe.errors import UserError
+from slimmoe.cli.flags import ModelFlags
+from slimmoe.config import StrictModel
+
+
+class EvalOptions(StrictModel):
+    """What `slimmoe eval` measures on."""
+
+    data: str | None = Field(None, description="evaluation text (file or folder); random tokens when absent")
+    seq_len: int = Field(128, description="tokens per block")
+    max_blocks: int = Field(64, description="evaluate at most this many blocks")
+    batch_size: int = Field(8, description="blocks per forward pass")
+
+    @field_validator("seq_len", "max_blocks", "batch_size")
+    @classmethod
+    def _positive(cls, v: int, info) -> int:
+        if v < (2 if info.field_name == "seq_len" else 1):
+            raise ValueError(f"must be positive (seq-len >= 2), got {v}")
+        return v
+
+    @field_validator("data")
+    @classmethod
+    def _exists(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).exists():
+            raise ValueError(f"no such file or folder: {v}")
+        return v
+
+
+EVAL_FLAGS = ModelFlags(EvalOptions, errors="flag", metavars={"data": "PATH"})
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="perplexity, parameter counts and throughput of a checkpoint",
                        description="Print one JSON object: perplexity, total_params, active_params, tokens_per_second.")
     p.add_argument("model", metavar="MODEL", help="checkpoint folder or hub id")
-    p.add_argument("--data", help="evaluation text; random tokens when absent")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--max-blocks", type=int, default=64, help="evaluate at most this many blocks (default 64)")
-    p.add_argument("--batch-size", type=int, default=8)
+    EVAL_FLAGS.add_to(p)
     add_safety_flags(p)
     p.set_defaults(func=run)
 
@@ -27,20 +53,15 @@ def run(args) -> int:
     from slimmoe.io.data import load_blocks, random_blocks
     from slimmoe.io.loading import load_model, load_tokenizer
 
-    for name in ("seq_len", "max_blocks", "batch_size"):
-        if getattr(args, name) < (2 if name == "seq_len" else 1):
-            raise UserError(f"--{name.replace('_', '-')}: must be positive (seq-len >= 2), got {getattr(args, name)}")
-    if args.data is not None:
-        if not Path(args.data).exists():
-            raise UserError(f"--data: no such file or folder: {args.data}")
+    opts = EVAL_FLAGS.build(args)
     model = load_model(args.model)
     tokenizer = load_tokenizer(args.model)
-    if args.data and tokenizer is not None:
-        blocks, _ = load_blocks(args.data, tokenizer, args.seq_len, max_blocks=args.max_blocks, fields=("--data", "--data"))
+    if opts.data and tokenizer is not None:
+        blocks, _ = load_blocks(opts.data, tokenizer, opts.seq_len, max_blocks=opts.max_blocks, fields=("--data", "--data"))
     else:
         logging.getLogger("slimmoe").warning(
             "evaluating on random tokens (%s): perplexity is only comparable between models on the same tokens",
-            "no --data" if not args.data else "the checkpoint has no tokenizer")
-        blocks = random_blocks(model.config.vocab_size, min(args.max_blocks, 16), args.seq_len)
-    print(json.dumps(evaluate(model, blocks, batch_size=args.batch_size)))
+            "no --data" if not opts.data else "the checkpoint has no tokenizer")
+        blocks = random_blocks(model.config.vocab_size, min(opts.max_blocks, 16), opts.seq_len)
+    print(json.dumps(evaluate(model, blocks, batch_size=opts.batch_size)))
     return 0
