@@ -30,7 +30,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from slimmoe import losses  # noqa: E402
-from slimmoe.distill.loop import FASTEST_EXPERTS, distill, lr_lambda, set_experts_implementation  # noqa: E402
+from slimmoe.distill import distill  # noqa: E402
+from slimmoe.distill.setup import FASTEST_EXPERTS, lr_lambda, set_experts_implementation  # noqa: E402
 
 IMPLS = ("eager", "batched_mm", "grouped_mm")
 # Step time = the FASTEST step after warm-up (min, not mean): on a machine shared with other

@@ -17,7 +17,9 @@ from helpers_distill import (
 )
 
 from slimmoe.cli import distill as cli_distill
-from slimmoe.distill.loop import DONE_FILE, LOSSES_FILE, distill, lr_lambda, step_sample_ids
+from slimmoe.distill.determinism import step_sample_ids
+from slimmoe.distill.loop import DONE_FILE, LOSSES_FILE, distill
+from slimmoe.distill.setup import lr_lambda
 from slimmoe.errors import UserError
 from slimmoe.io.data import random_blocks
 
@@ -31,10 +33,10 @@ def test_student_gets_closer_to_teacher(tmp_path):
     seen = []
     res = distill(student, teacher, tmp_path / "out", train, held, tokens=150 * 8 * SEQ, batch_size=8,
                   lr=3e-3, eval_every=50, progress=False, metrics_callback=lambda s, m: seen.append((s, m)))
-    before, after = res.initial_eval["eval_kl"], res.final_eval["eval_kl"]
+    before, after = res.initial_eval["held_out_kl"], res.final_eval["held_out_kl"]
     assert after * 5 < before, (before, after)
     assert res.steps == 150 and res.best_step == 150
-    eval_steps = [s for s, m in seen if "eval_kl" in m]
+    eval_steps = [s for s, m in seen if "held_out_kl" in m]
     assert eval_steps == [0, 50, 100, 150]
     assert [s for s, m in seen if "loss" in m] == list(range(1, 151))
     # the written model is the trained student, loadable by stock transformers
@@ -54,7 +56,7 @@ def test_lm_loss_without_teacher_and_early_stopping(tmp_path):
     res = distill(model, None, tmp_path / "lm", train, held, loss="lm", tokens=40 * 8 * SEQ, lr=0.5,
                   warmup_fraction=0.0, eval_every=2, early_stopping_patience=2, progress=False)
     assert res.stopped_early and res.steps < 40
-    assert res.best_step == 0 and res.final_eval["eval_nll"] > res.initial_eval["eval_nll"]
+    assert res.best_step == 0 and res.final_eval["held_out_nll"] > res.initial_eval["held_out_nll"]
     written = load_params(tmp_path / "lm")
     for k, v in start.items():
         torch.testing.assert_close(written[k], v)
@@ -69,9 +71,9 @@ def test_lm_loss_with_a_teacher_keeps_the_best_by_held_out_nll(tmp_path):
     train, held = random_blocks(VOCAB, 64, SEQ, seed=3), random_blocks(VOCAB, 8, SEQ, seed=4)
     seen = {}
     res = distill(model, teacher, tmp_path / "lm", train, held, loss="lm", tokens=12 * 8 * SEQ, lr=3e-3,
-                  eval_every=4, progress=False, metrics_callback=lambda s, m: seen.update({s: m}) if "eval_nll" in m else None)
-    assert set(seen) == {0, 4, 8, 12} and all("eval_kl" in m for m in seen.values())
-    nll = {s: m["eval_nll"] for s, m in seen.items()}
+                  eval_every=4, progress=False, metrics_callback=lambda s, m: seen.update({s: m}) if "held_out_nll" in m else None)
+    assert set(seen) == {0, 4, 8, 12} and all("held_out_kl" in m for m in seen.values())
+    nll = {s: m["held_out_nll"] for s, m in seen.items()}
     assert res.best_step == min(nll, key=nll.get)
     assert res.best_metric == pytest.approx(nll[res.best_step])
 

@@ -65,8 +65,11 @@ def micro_loss(model, teacher: Teacher, ids, rows, cfg: DistillConfig, acc: Acce
 
 @torch.no_grad()
 def held_out_eval(model, teacher: PreTrainedModel | None, blocks: torch.Tensor, cfg: DistillConfig,
-             acc: Accelerator) -> dict[str, float]:
-    """Held-out perplexity of the student and full-vocabulary KL(teacher || student), all ranks."""
+                  acc: Accelerator) -> dict[str, float]:
+    """Held-out perplexity of the student and full-vocabulary KL(teacher || student), all ranks.
+
+    Keys ``held_out_nll``, ``held_out_ppl`` and (with a teacher) ``held_out_kl``: named apart
+    from the pipeline's evaluate step, which measures other blocks."""
     was_training = model.training
     model.eval()
     shard = blocks[acc.process_index :: acc.num_processes]
@@ -86,7 +89,7 @@ def held_out_eval(model, teacher: PreTrainedModel | None, blocks: torch.Tensor, 
     sums = acc.reduce(sums, reduction="sum") if acc.num_processes > 1 else sums
     model.train(was_training)
     n = max(sums[2].item(), 1.0)
-    out = {"eval_nll": sums[0].item() / n, "eval_ppl": math.exp(min(sums[0].item() / n, 50.0))}
+    out = {"held_out_nll": sums[0].item() / n, "held_out_ppl": math.exp(min(sums[0].item() / n, 50.0))}
     if teacher is not None:
-        out["eval_kl"] = sums[1].item() / n
+        out["held_out_kl"] = sums[1].item() / n
     return out
