@@ -12,8 +12,7 @@ from collections import Counter
 import pytest
 import torch
 import yaml
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from helpers_prefect import newest_flow_runs, settled_task_runs
 from prefect.testing.utilities import prefect_test_harness
 from tiny_models import tiny_teacher_with_tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -45,9 +44,8 @@ def ablated(tmp_path_factory):
     torch.set_num_threads(1)  # tiny steps: OpenMP barriers on a loaded 2-core box cost more than they give
     with prefect_test_harness(server_startup_timeout=60):
         assert slimmoe.cli.main(["ablate", str(path)]) == 0
-        with get_client(sync_client=True) as client:
-            flow_runs = client.read_flow_runs()
-            task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fr.id for fr in flow_runs])))
+        flow_runs = newest_flow_runs(n=200)
+        task_runs = settled_task_runs([fr.id for fr in flow_runs])
     torch.set_num_threads(threads)
     yield root, config, flow_runs, task_runs
 

@@ -20,8 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.sorting import FlowRunSort
+from helpers_prefect import last_task_states as settled_states
 from prefect.testing.utilities import prefect_test_harness
 from safetensors.torch import load_file
 from tiny_models import tiny_teacher_with_tokenizer
@@ -117,12 +116,8 @@ def run(ctx, world, config: Path, crash_at: str | None = None) -> tuple[int, str
 
 
 def last_task_states() -> dict[str, str]:
-    with get_client(sync_client=True) as client:
-        flow_run = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
-        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
-    return {r.name: r.state.name for r in runs}
+    """The newest flow run's task states; a killed flow leaves the task it was in Running."""
+    return settled_states(killed=True)
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
