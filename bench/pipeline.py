@@ -55,24 +55,25 @@ def pipeline_config(teacher: Path, corpus: Path, out: Path, tokens: int) -> dict
 
 def run_direct(cfg) -> None:
     """The same steps as the flow, called as library functions, no Prefect, no MLflow."""
-    from slimmoe.pipeline import steps as stages
+    from slimmoe.pipeline import steps
 
     out = Path(cfg.output_dir)
     d = cfg.data
-    blocks = stages.prepare_data(d.train, cfg.teacher, out / "data", d.seq_len, eval_fraction=d.eval_fraction)
+    blocks = steps.prepare_data(d.train, cfg.teacher, out / "data", d.seq_len, eval_fraction=d.eval_fraction)
+
     def evaluate(model_dir: str, eval_cfg) -> None:  # as the evaluate task calls it: KL to the teacher etc.
-        stages.evaluate_stage(model_dir, blocks["path"], teacher_dir=cfg.teacher, **eval_cfg.model_dump())
+        steps.evaluate_stage(model_dir, blocks.path, teacher_dir=cfg.teacher, **eval_cfg.model_dump())
 
     evaluate(cfg.teacher, cfg.stages[0].eval)
     current, teacher = cfg.teacher, cfg.teacher
     for st in cfg.stages:
         root = out / st.name
-        scores = stages.score(current, None if current == teacher else teacher, blocks["path"], st.importance,
-                              st.targets(), root / "importance.pt", progress=False)
-        small = stages.slim(current, scores["path"], st.targets(), root / "pruned")
-        student = stages.distill_stage(small["path"], teacher, blocks["path"], st.distill, root / "model")
-        evaluate(student["path"], st.eval)
-        current = student["path"]
+        scores = steps.score(current, None if current == teacher else teacher, blocks.path, st.importance,
+                             st.targets(), root / "importance.pt", progress=False)
+        small = steps.slim(current, scores.path, st.targets(), root / "pruned")
+        student = steps.distill_stage(small.path, teacher, blocks.path, st.distill, root / "model")
+        evaluate(student.path, st.eval)
+        current = student.path
 
 
 def main() -> None:

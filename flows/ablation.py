@@ -22,15 +22,19 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.common import flow_guard, pipeline_tasks, rerun_if_missing
+from flows.common import fingerprint, flow_guard, stage_row, tracking_settings
 from flows.compress import compress_stage
 from slimmoe.io.loading import load_config
 from slimmoe.pipeline.ablation_schema import AblationConfig
 from slimmoe.pipeline.arms import check_ablation_inputs, scoring_targets
 from slimmoe.pipeline.report import read_curve
+from slimmoe.pipeline.resolve import anchor_paths
 from slimmoe.pipeline.schema import StageConfig
+from slimmoe.pipeline.steps import ImportanceRef, ModelRef, TokenBlocks
+from tasks import lineage, steps
 from tasks import report as rt
-from tasks.caching import bind_cache
+from tasks.caching import cached, open_step_cache
+from tasks.tracking import TrackingSettings
 
 
 @dataclass
@@ -45,45 +49,45 @@ class ArmOutputs:
     shared_pruned: bool
 
     @property
-    def scores(self) -> str:
-        return str(self.root / "arms" / self.arm / f"seed{self.seed}" / self.stage / "importance.pt")
+    def scores(self) -> Path:
+        return self.root / "arms" / self.arm / f"seed{self.seed}" / self.stage / "importance.pt"
 
     @property
-    def pruned(self) -> str:
+    def pruned(self) -> Path:
         if self.shared_pruned:
-            return str(self.root / "arms" / self.arm / "shared" / self.stage / "pruned")
-        return str(self.root / "arms" / self.arm / f"seed{self.seed}" / self.stage / "pruned")
+            return self.root / "arms" / self.arm / "shared" / self.stage / "pruned"
+        return self.root / "arms" / self.arm / f"seed{self.seed}" / self.stage / "pruned"
 
     @property
-    def model(self) -> str:
-        return str(self.root / "arms" / self.arm / f"seed{self.seed}" / self.stage / "model")
+    def model(self) -> Path:
+        return self.root / "arms" / self.arm / f"seed{self.seed}" / self.stage / "model"
 
 
 @flow(name="ablation", log_prints=True)
 def ablation(config: AblationConfig) -> dict:
     with flow_guard(config, "ablation flow"):
-        return _ablation(config)
+        return _ablation(anchor_paths(config))
 
 
 def _ablation(cfg: AblationConfig) -> dict:
     out = Path(cfg.output_dir)
     arms = check_ablation_inputs(cfg)
     teacher_cfg = load_config(cfg.teacher, "teacher")
-    tracking = {"uri": cfg.tracking_uri(), "experiment": cfg.tracking.experiment,
-                "artifact_location": (out.resolve() / "mlartifacts").as_uri(), "register_models": cfg.tracking.register_models}
+    tracking = tracking_settings(cfg)
     for arm, stages in arms.items():
         sizes = ", ".join(f"{s.name.split('.', 1)[1]}: {s.targets().model_dump(exclude_none=True)} "
                           f"({s.distill.tokens:,} tokens)" for s in stages)
         print(f"arm {arm}: {sizes}")
-    t = pipeline_tasks(out)
+    open_step_cache(out)
 
-    teacher = t.fingerprint(cfg.teacher)
-    blocks = t.prepare_data(cfg.data.model_dump(), cfg.teacher, str(out / "data"))
-    parent = rt.start_ablation_run(cfg.model_dump(mode="json"), teacher, blocks, tracking)
-    teacher_metrics = t.evaluate("teacher", teacher, blocks, cfg.eval.model_dump(), tracking, parent)
-    scores = rerun_if_missing(t.importance, str(out / "shared" / "importance.pt"))(
-        "teacher", teacher, None, blocks, cfg.importance.model_dump(), scoring_targets(arms, teacher_cfg).model_dump(),
-        str(out / "shared" / "importance.pt"), tracking, parent)
+    teacher = fingerprint(cfg.teacher)
+    blocks = cached(steps.prepare_data, out)(cfg.data, teacher, out / "data")
+    parent = rt.start_ablation_run(cfg, teacher, blocks, tracking)
+    teacher_metrics = cached(steps.evaluate, out)("teacher", teacher, blocks, cfg.eval, tracking, parent)
+    shared_scores = out / "shared" / "importance.pt"
+    scores = cached(steps.importance, out, shared_scores)(
+        "teacher", teacher, None, blocks, cfg.importance, scoring_targets(arms, teacher_cfg), shared_scores,
+        tracking, parent)
 
     # the scratch arm's shape is the one-shot-slim model's: the same slim step (same name, same inputs)
     shape = arms["scratch"][0].model_copy(update={"name": "one-shot-slim.final"}) if "scratch" in arms else None
@@ -91,37 +95,32 @@ def _ablation(cfg: AblationConfig) -> dict:
     for seed in cfg.seeds:
         for arm, stages in arms.items():
             runs.append(ablation_arm.with_options(flow_run_name=f"{arm}-seed{seed}")(
-                cfg.name, str(out), arm, seed, [s.model_dump(mode="json") for s in stages],
-                shape.model_dump(mode="json") if arm == "scratch" else None,
+                cfg.name, out, arm, seed, stages, shape if arm == "scratch" else None,
                 teacher, blocks, scores, teacher_metrics["perplexity"], tracking, parent))
 
     meta = {"name": cfg.name, "teacher": cfg.teacher, "data": cfg.data.train, "target": cfg.target.model_dump(exclude_none=True),
             "tokens per arm": f"{cfg.tokens:,}", "multi-stage stages": cfg.num_stages, "seeds": cfg.seeds,
             "distillation loss": cfg.distill.loss}
     teacher_row = {k: teacher_metrics[k] for k in ("perplexity", "total_params", "active_params")}
-    return rt.publish_report(str(out), runs, teacher_row, meta, tracking, parent)
+    return rt.publish_report(out, runs, teacher_row, meta, tracking, parent)
 
 
 @flow(name="ablation-arm", log_prints=True)
-def ablation_arm(name: str, output_dir: str, arm: str, seed: int, stages: list[dict], shape_stage: dict | None,
-                 teacher: dict, blocks: dict, scores: dict, teacher_ppl: float, tracking: dict, parent: str) -> dict:
+def ablation_arm(name: str, output_dir: Path, arm: str, seed: int, stages: list[StageConfig],
+                 shape_stage: StageConfig | None, teacher: ModelRef, blocks: TokenBlocks, scores: ImportanceRef,
+                 teacher_ppl: float, tracking: TrackingSettings, parent: str) -> dict:
     """One arm at one seed: its stages in order (the scratch arm: init, then train)."""
     out = Path(output_dir)
-    t = pipeline_tasks(out)
-    stage_cfgs = [_seeded(StageConfig(**s), seed) for s in stages]
-    run = rt.start_arm_run(parent, name, arm, seed, [s.model_dump(mode="json") for s in stage_cfgs], teacher, blocks,
-                           tracking)
-    current = {**teacher, "version": None}
+    stage_cfgs = [_seeded(s, seed) for s in stages]
+    run = rt.start_arm_run(parent, name, arm, seed, stage_cfgs, teacher, blocks, tracking)
     if arm == "scratch":
-        row, current = _scratch(t, StageConfig(**shape_stage), stage_cfgs[0], seed, teacher, blocks, scores, tracking,
-                                run, out)
-        rows = [row]
+        rows = [_scratch(shape_stage, stage_cfgs[0], seed, teacher, blocks, scores, tracking, run, out)]
     else:
-        rows = []
+        rows, current, version = [], teacher, None
         for i, stage in enumerate(stage_cfgs):
-            s = ArmOutputs(out, arm, seed, stage.name, shared_pruned=i == 0)
-            row, current = compress_stage(t, f"{name}-{arm}", stage, current, teacher, blocks, tracking, run, s,
-                                          scores=scores if i == 0 else None)
+            where = ArmOutputs(out, arm, seed, stage.name, shared_pruned=i == 0)
+            row, current, version = compress_stage(f"{name}-{arm}", stage, current, version, teacher, blocks,
+                                                   tracking, run, where, scores=scores if i == 0 else None)
             rows.append(row)
     final = rows[-1]
     result = {"arm": arm, "seed": seed, "perplexity": final["perplexity"], "total_params": final["total_params"],
@@ -139,21 +138,19 @@ def _seeded(stage: StageConfig, seed: int) -> StageConfig:
     return stage.model_copy(update={"distill": stage.distill.model_copy(update={"seed": seed})})
 
 
-def _scratch(t, shape: StageConfig, stage: StageConfig, seed: int, teacher: dict, blocks: dict, scores: dict,
-             tracking: dict, arm_run: str, out: Path) -> tuple[dict, dict]:
+def _scratch(shape: StageConfig, stage: StageConfig, seed: int, teacher: ModelRef, blocks: TokenBlocks,
+             scores: ImportanceRef, tracking: TrackingSettings, arm_run: str, out: Path) -> dict:
     """The one-shot-slim shape (its slim step, shared through the cache), fresh weights, LM training."""
-    from flows.common import stage_row
-
     pruned = ArmOutputs(out, "one-shot-slim", seed, shape.name, shared_pruned=True).pruned
-    small = rerun_if_missing(t.slim, pruned)(shape.name, {**teacher, "version": None}, scores,
-                                             shape.targets().model_dump(), shape.importance.model_dump(), pruned,
-                                             tracking, arm_run)
-    s = ArmOutputs(out, "scratch", seed, stage.name, shared_pruned=False)
-    init_dir = str(Path(s.model).with_name("init"))
-    init = rerun_if_missing(bind_cache(rt.scratch_init, out), init_dir)(small, seed, init_dir)
-    run = t.start_stage_run(arm_run, stage.model_dump(mode="json"), init, teacher, blocks, tracking)
-    student = rerun_if_missing(t.distill, s.model)(stage.name, init, teacher, blocks,
-                                                   stage.distill.model_dump(mode="json"), s.model, tracking, run)
-    metrics = t.evaluate(stage.name, student, blocks, stage.eval.model_dump(), tracking, run, teacher=teacher)
-    t.register_stage_model("scratch", stage.name, student, init, tracking.copy() | {"register_models": False}, run)
-    return stage_row(stage.name, small, student, {}, metrics, run, None), student
+    small = cached(steps.slim, out, pruned)(shape.name, teacher, scores, shape.targets(), shape.importance, pruned,
+                                            tracking, arm_run)
+    where = ArmOutputs(out, "scratch", seed, stage.name, shared_pruned=False)
+    init_dir = where.model.with_name("init")
+    init = cached(rt.scratch_init, out, init_dir)(small, seed, init_dir)
+    run = lineage.start_stage_run(arm_run, stage, init, teacher, blocks, tracking)
+    student = cached(steps.distill, out, where.model)(stage.name, init, teacher, blocks, stage.distill, where.model,
+                                                      tracking, run)
+    metrics = cached(steps.evaluate, out)(stage.name, student, blocks, stage.eval, tracking, run, teacher=teacher)
+    no_registry = tracking.model_copy(update={"register_models": False})
+    lineage.register_stage_model("scratch", stage.name, student, init, None, no_registry, run)
+    return stage_row(stage.name, small, student, None, metrics, run, None)

@@ -12,16 +12,13 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.common import (
-    StageOutputs,
-    flow_guard,
-    pipeline_tasks,
-    rerun_if_missing,
-    resolve_pipeline,
-    stage_row,
-    teacher_row,
-)
+from flows.common import StageOutputs, fingerprint, flow_guard, stage_row, teacher_row, tracking_settings
+from slimmoe.pipeline.resolve import resolve_pipeline
 from slimmoe.pipeline.schema import PipelineConfig, StageConfig
+from slimmoe.pipeline.steps import ImportanceRef, ModelRef, TokenBlocks
+from tasks import lineage, steps
+from tasks.caching import cached, open_step_cache
+from tasks.tracking import TrackingSettings
 
 
 @flow(name="compress", log_prints=True)
@@ -31,43 +28,49 @@ def compress(config: PipelineConfig) -> dict:
 
 
 def _compress(config: PipelineConfig) -> dict:
-    cfg, tracking = resolve_pipeline(config)
+    cfg = resolve_pipeline(config)  # explicit sizes for every stage, every path absolute
     out = Path(cfg.output_dir)
-    t = pipeline_tasks(out)
+    tracking = tracking_settings(cfg)
+    open_step_cache(out)
 
-    teacher = t.fingerprint(cfg.teacher)
-    blocks = t.prepare_data(cfg.data.model_dump(), cfg.teacher, str(out / "data"))
-    parent = t.start_pipeline_run(cfg.model_dump(mode="json"), teacher, blocks, tracking)
-    teacher_metrics = t.evaluate("teacher", teacher, blocks, cfg.stages[0].eval.model_dump(), tracking, parent,
-                                 teacher=teacher)  # KL of the teacher to itself: 0, not computed
+    teacher = fingerprint(cfg.teacher)
+    blocks = cached(steps.prepare_data, out)(cfg.data, teacher, out / "data")
+    parent = lineage.start_pipeline_run(cfg, teacher, blocks, tracking)
+    teacher_metrics = cached(steps.evaluate, out)("teacher", teacher, blocks, cfg.stages[0].eval, tracking, parent,
+                                                  teacher=teacher)  # KL of the teacher to itself: 0, not computed
     rows = [teacher_row(cfg.teacher, teacher_metrics, parent)]
 
-    current = {**teacher, "version": None}
+    current, version = teacher, None
     for stage in cfg.stages:
-        row, current = compress_stage(t, cfg.name, stage, current, teacher, blocks, tracking, parent, StageOutputs(out, stage.name))
+        row, current, version = compress_stage(cfg.name, stage, current, version, teacher, blocks, tracking, parent,
+                                               StageOutputs(out, stage.name))
         rows.append(row)
 
-    return t.summarize(cfg.model_dump(mode="json"), rows, tracking, parent)
+    return lineage.summarize(cfg, rows, tracking, parent)
 
 
-def compress_stage(t, pipeline: str, stage: StageConfig, current: dict, teacher: dict, blocks: dict, tracking: dict,
-                   parent: str, s: StageOutputs, scores: dict | None = None) -> tuple[dict, dict]:
-    """importance -> slim -> distill -> evaluate -> register, for one stage; returns its summary row and model.
+def compress_stage(pipeline: str, stage: StageConfig, current: ModelRef, current_version: str | None,
+                   teacher: ModelRef, blocks: TokenBlocks, tracking: TrackingSettings, parent: str, where,
+                   scores: ImportanceRef | None = None) -> tuple[dict, ModelRef, str | None]:
+    """importance -> slim -> distill -> evaluate -> register, for one stage; returns its summary
+    row, its model and that model's registered version. ``where`` names the stage's outputs
+    (``StageOutputs`` or the ablation's ``ArmOutputs``; its ``root`` holds the step cache).
 
     ``scores`` given (an importance result computed once for several callers) skips the importance step."""
-    run = t.start_stage_run(parent, stage.model_dump(mode="json"), current, teacher, blocks, tracking)
-    targets, importance = stage.targets().model_dump(), stage.importance.model_dump()
-    kd_teacher = None if current["path"] == teacher["path"] else teacher  # stage 1: the model is its own teacher
+    run = lineage.start_stage_run(parent, stage, current, teacher, blocks, tracking)
+    kd_teacher = None if current.path == teacher.path else teacher  # stage 1: the model is its own teacher
+    root = where.root
 
     if scores is None:
-        scores = rerun_if_missing(t.importance, s.scores)(stage.name, current, kd_teacher, blocks, importance, targets,
-                                                          s.scores, tracking, run)
-    pruned = s.pruned if stage.distill else s.model  # a prune-only stage's result is its model
-    small = rerun_if_missing(t.slim, pruned)(stage.name, current, scores, targets, importance, pruned, tracking, run)
+        scores = cached(steps.importance, root, where.scores)(stage.name, current, kd_teacher, blocks, stage.importance,
+                                                              stage.targets(), where.scores, tracking, run)
+    pruned = where.pruned if stage.distill else where.model  # a prune-only stage's result is its model
+    small = cached(steps.slim, root, pruned)(stage.name, current, scores, stage.targets(), stage.importance, pruned,
+                                             tracking, run)
     student = small
     if stage.distill:
-        student = rerun_if_missing(t.distill, s.model)(stage.name, small, teacher, blocks,
-                                                       stage.distill.model_dump(mode="json"), s.model, tracking, run)
-    metrics = t.evaluate(stage.name, student, blocks, stage.eval.model_dump(), tracking, run, teacher=teacher)
-    version = t.register_stage_model(pipeline, stage.name, student, current, tracking, run)
-    return stage_row(stage.name, small, student, scores, metrics, run, version), {**student, "version": version}
+        student = cached(steps.distill, root, where.model)(stage.name, small, teacher, blocks, stage.distill,
+                                                           where.model, tracking, run)
+    metrics = cached(steps.evaluate, root)(stage.name, student, blocks, stage.eval, tracking, run, teacher=teacher)
+    version = lineage.register_stage_model(pipeline, stage.name, student, current, current_version, tracking, run)
+    return stage_row(stage.name, small, student, scores, metrics, run, version), student, version

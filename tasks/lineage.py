@@ -17,7 +17,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from slimmoe.io.atomic import atomic_write_text
+from slimmoe.pipeline.schema import PipelineConfig, StageConfig
+from slimmoe.pipeline.steps import ModelRef, TokenBlocks
 from tasks.steps import artifact_key, tracker
+from tasks.tracking import TrackingSettings
 
 KEY_TAG = "slimmoe.key"
 SUMMARY_FILE = "summary.json"
@@ -36,49 +39,54 @@ def find_run(tr, key: str) -> str | None:
 
 
 @task(name="start-pipeline-run", cache_policy=NO_CACHE)
-def start_pipeline_run(config: dict, teacher: dict, blocks: dict, tracking: dict) -> str:
+def start_pipeline_run(config: PipelineConfig, teacher: ModelRef, blocks: TokenBlocks,
+                       tracking: TrackingSettings) -> str:
     tr = tracker(tracking)
-    key = run_key(config, teacher["fingerprint"], blocks["fingerprint"])
+    params = config.model_dump(mode="json")
+    key = run_key(params, teacher.fingerprint, blocks.fingerprint)
     return find_run(tr, key) or tr.start_pipeline(
-        config["name"], config, tags={KEY_TAG: key, "slimmoe.teacher": teacher["path"]})
+        config.name, params, tags={KEY_TAG: key, "slimmoe.teacher": teacher.path})
 
 
 @task(name="start-stage-run", cache_policy=NO_CACHE)
-def start_stage_run(parent_run_id: str, stage: dict, model: dict, teacher: dict, blocks: dict, tracking: dict) -> str:
+def start_stage_run(parent_run_id: str, stage: StageConfig, model: ModelRef, teacher: ModelRef, blocks: TokenBlocks,
+                    tracking: TrackingSettings) -> str:
     tr = tracker(tracking)
-    key = run_key(stage, model["fingerprint"], teacher["fingerprint"], blocks["fingerprint"])
+    params = stage.model_dump(mode="json")
+    key = run_key(params, model.fingerprint, teacher.fingerprint, blocks.fingerprint)
     return find_run(tr, key) or tr.start_stage(
-        parent_run_id, stage["name"], stage, tags={KEY_TAG: key, "slimmoe.input_model": model["path"]})
+        parent_run_id, stage.name, params, tags={KEY_TAG: key, "slimmoe.input_model": model.path})
 
 
 @task(name="register-stage-model", cache_policy=NO_CACHE)
-def register_stage_model(pipeline: str, stage: str, model: dict, parent: dict, tracking: dict, run_id: str) -> str | None:
+def register_stage_model(pipeline: str, stage: str, model: ModelRef, parent: ModelRef, parent_version: str | None,
+                         tracking: TrackingSettings, run_id: str) -> str | None:
     """A model-registry version per stage, tagged with the model it was made from."""
     tr = tracker(tracking)
     version = None
-    if tracking.get("register_models", True):
-        version = tr.register_model(pipeline, model["path"], run_id, tags={
-            "stage": stage, "fingerprint": model["fingerprint"], "parent_model": parent["path"],
-            "parent_version": parent.get("version") or "teacher"})
+    if tracking.register_models:
+        version = tr.register_model(pipeline, model.path, run_id, tags={
+            "stage": stage, "fingerprint": model.fingerprint, "parent_model": parent.path,
+            "parent_version": parent_version or "teacher"})
     tr.finish(run_id)
     return version
 
 
 @task(name="summarize", cache_policy=NO_CACHE)
-def summarize(config: dict, rows: list[dict], tracking: dict, parent_run_id: str) -> dict:
+def summarize(config: PipelineConfig, rows: list[dict], tracking: TrackingSettings, parent_run_id: str) -> dict:
     """Write ``summary.json``, log the lineage to the parent run, publish a Prefect table."""
     tr = tracker(tracking)
-    summary = {"name": config["name"], "teacher": config["teacher"], "mlflow": {
-        "tracking_uri": tracking["uri"], "experiment": tracking["experiment"], "parent_run_id": parent_run_id,
+    summary = {"name": config.name, "teacher": config.teacher, "mlflow": {
+        "tracking_uri": tracking.uri, "experiment": tracking.experiment, "parent_run_id": parent_run_id,
         "ui": tr.ui_command()}, "stages": rows}
-    out = Path(config["output_dir"]) / SUMMARY_FILE
+    out = Path(config.output_dir) / SUMMARY_FILE
     atomic_write_text(out, json.dumps(summary, indent=1), point="summary:write")
     tr.log_summary(parent_run_id, rows)
     tr.finish(parent_run_id)
-    create_table_artifact(key=artifact_key(config["name"], "summary"), table=rows,
+    create_table_artifact(key=artifact_key(config.name, "summary"), table=rows,
                           description="Teacher and every stage: sizes, parameters, perplexity, tokens")
     lineage = " -> ".join(r["stage"] for r in rows)
-    create_markdown_artifact(key=artifact_key(config["name"], "lineage"), markdown=(
-        f"## {config['name']}\n\nLineage: {lineage}\n\nMLflow: [parent run]({tr.run_url(parent_run_id)}) "
+    create_markdown_artifact(key=artifact_key(config.name, "lineage"), markdown=(
+        f"## {config.name}\n\nLineage: {lineage}\n\nMLflow: [parent run]({tr.run_url(parent_run_id)}) "
         f"(`{tr.ui_command()}`)\n\nSummary: `{out}`\n"))
     return summary

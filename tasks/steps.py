@@ -1,9 +1,10 @@
 """One Prefect task per pipeline step, each wrapping one call of ``slimmoe.pipeline.steps``.
 
-Inputs and outputs are JSON-able dicts of paths, content fingerprints and settings, so
-Prefect can hash them for cache keys (see ``tasks.caching``). Each task logs what it
-produced to the stage's MLflow run (ids passed explicitly: MLflow's active run is
-thread-local) and leaves a Prefect artifact.
+Inputs and outputs are typed: the step records of ``slimmoe.pipeline.steps.refs`` (path +
+content fingerprint + counts), the settings models of the config, output ``Path``s and the
+tracking settings, so a reader can follow them and ``tasks.caching`` hashes them by what
+they are. Each task logs what it produced to the stage's MLflow run (ids passed
+explicitly: MLflow's active run is thread-local) and leaves a Prefect artifact.
 """
 
 from __future__ import annotations
@@ -17,15 +18,17 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from slimmoe.config import DistillConfig, ImportanceConfig, SlimTargets
 from slimmoe.errors import UserError
-from slimmoe.pipeline import steps as stages
+from slimmoe.pipeline import steps as library
+from slimmoe.pipeline.schema import DataConfig, EvalConfig
+from slimmoe.pipeline.steps import DistilledModel, ImportanceRef, ModelRef, SlimmedModel, TokenBlocks
 from tasks.caching import step_policy
-from tasks.tracking import Tracker, metric_key, metric_name
+from tasks.tracking import Tracker, TrackingSettings, metric_key, metric_name
 
 FAULT_ENV = "SLIMMOE_INJECT_FAULT_AT_STEP"  # tests: fail the distill task once at this step
 
 
-def tracker(tracking: dict) -> Tracker:
-    return Tracker(tracking["uri"], tracking["experiment"], tracking.get("artifact_location"))
+def tracker(tracking: TrackingSettings) -> Tracker:
+    return Tracker(tracking.uri, tracking.experiment, tracking.artifact_location)
 
 
 class LiveMetrics:
@@ -60,33 +63,32 @@ def artifact_key(*parts: str) -> str:
     return "-".join(p.lower().replace("_", "-").replace(".", "-") for p in parts)[:100]
 
 
-@task(name="prepare-data", cache_policy=step_policy("slimmoe.io.data", "slimmoe.pipeline.steps.data"))
-def prepare_data(data: dict, tokenizer_dir: str, out_dir: str) -> dict:
+@task(name="prepare-data", cache_policy=step_policy())
+def prepare_data(data: DataConfig, teacher: ModelRef, out_dir: Path) -> TokenBlocks:
     """Tokenise and pack the corpus with the teacher's tokenizer (once per content)."""
-    return stages.prepare_data(data["train"], tokenizer_dir, out_dir, data["seq_len"], eval_path=data.get("eval"),
-                               eval_fraction=data["eval_fraction"], text_field=data["text_field"],
-                               max_blocks=data.get("max_blocks"))
+    return library.prepare_data(data.train, teacher.path, out_dir, data.seq_len, eval_path=data.eval,
+                                eval_fraction=data.eval_fraction, text_field=data.text_field,
+                                max_blocks=data.max_blocks)
 
 
-@task(name="importance", task_run_name="importance-{stage}", cache_policy=step_policy("slimmoe.prune.importance", "slimmoe.losses", "slimmoe.pipeline.steps.score"))
-def importance(stage: str, model: dict, teacher: dict | None, blocks: dict, settings: dict, targets: dict, out_path: str,
-               tracking: dict, run_id: str) -> dict:
-    """Score the current model's structures against the original teacher."""
-    cfg = ImportanceConfig(**settings)
-    res = stages.score(model["path"], teacher["path"] if teacher else None, blocks["path"], cfg,
-                       SlimTargets(**targets), out_path)
+@task(name="importance", task_run_name="importance-{stage}", cache_policy=step_policy())
+def importance(stage: str, model: ModelRef, teacher: ModelRef | None, blocks: TokenBlocks, settings: ImportanceConfig,
+               targets: SlimTargets, out_path: Path, tracking: TrackingSettings, run_id: str) -> ImportanceRef:
+    """Score the current model's structures against the original teacher (itself when None)."""
+    res = library.score(model.path, teacher.path if teacher else None, blocks.path, settings, targets, out_path)
     tr = tracker(tracking)
-    tr.log_dataset(run_id, "calibration", blocks["source"], blocks["fingerprint"], min(cfg.samples, blocks["train_blocks"]),
-                   blocks["seq_len"], "calibration")
-    tr.log_importance_histograms(run_id, res["path"])
+    tr.log_dataset(run_id, "calibration", blocks.source, blocks.fingerprint, min(settings.samples, blocks.train_blocks),
+                   blocks.seq_len, "calibration")
+    tr.log_importance_histograms(run_id, res.path)
     return res
 
 
-@task(name="slim", task_run_name="slim-{stage}", cache_policy=step_policy("slimmoe.prune.slim", "slimmoe.prune.plan", "slimmoe.arch.base", "slimmoe.pipeline.steps.slim"))
-def slim(stage: str, model: dict, scores: dict, targets: dict, settings: dict, out_dir: str, tracking: dict, run_id: str) -> dict:
+@task(name="slim", task_run_name="slim-{stage}", cache_policy=step_policy())
+def slim(stage: str, model: ModelRef, scores: ImportanceRef, targets: SlimTargets, settings: ImportanceConfig,
+         out_dir: Path, tracking: TrackingSettings, run_id: str) -> SlimmedModel:
     """Cut the model to the stage's sizes by the scores."""
-    res = stages.slim(model["path"], scores["path"], SlimTargets(**targets), out_dir, score_info=settings)
-    tracker(tracking).log_metrics(run_id, {"slim/total_params": res["total_params"], "slim/active_params": res["active_params"]})
+    res = library.slim(model.path, scores.path, targets, out_dir, score_info=settings.model_dump())
+    tracker(tracking).log_metrics(run_id, {"slim/total_params": res.total_params, "slim/active_params": res.active_params})
     return res
 
 
@@ -97,11 +99,10 @@ def retry_unless_user_error(task, task_run, state) -> bool:
 
 
 @task(name="distill", task_run_name="distill-{stage}", retries=2, retry_delay_seconds=1,
-      retry_condition_fn=retry_unless_user_error,
-      cache_policy=step_policy("slimmoe.distill.loop", "slimmoe.distill.step", "slimmoe.losses", "slimmoe.distill.checkpoint", "slimmoe.pipeline.steps.distill"))
-def distill(stage: str, student: dict, teacher: dict, blocks: dict, settings: dict, out_dir: str, tracking: dict, run_id: str) -> dict:
+      retry_condition_fn=retry_unless_user_error, cache_policy=step_policy())
+def distill(stage: str, student: ModelRef, teacher: ModelRef, blocks: TokenBlocks, settings: DistillConfig,
+            out_dir: Path, tracking: TrackingSettings, run_id: str) -> DistilledModel:
     """Distil from the original teacher. A retry resumes from the newest checkpoint in ``out_dir``."""
-    cfg = DistillConfig(**settings)
     tr = tracker(tracking)
     fault_at = int(os.environ.get(FAULT_ENV, "0") or 0)
     marker = Path(out_dir).with_name(Path(out_dir).name + ".fault-injected")
@@ -116,25 +117,25 @@ def distill(stage: str, student: dict, teacher: dict, blocks: dict, settings: di
             raise RuntimeError(f"injected fault at step {step} ({FAULT_ENV})")
 
     try:
-        res = stages.distill_stage(student["path"], teacher["path"], blocks["path"], cfg, out_dir, metrics_callback=on_metrics)
+        res = library.distill_stage(student.path, teacher.path, blocks.path, settings, out_dir,
+                                    metrics_callback=on_metrics)
     finally:
         live.flush()
-    tr.log_dataset(run_id, "train", blocks["source"], blocks["fingerprint"], blocks["train_blocks"], blocks["seq_len"], "train")
+    tr.log_dataset(run_id, "train", blocks.source, blocks.fingerprint, blocks.train_blocks, blocks.seq_len, "train")
     tr.log_loss_curve(run_id, str(Path(out_dir) / "losses.jsonl"))
     return res
 
 
-@task(name="evaluate", task_run_name="evaluate-{stage}",
-      cache_policy=step_policy("slimmoe.evaluation.quality", "slimmoe.evaluation.speed", "slimmoe.evaluation.harness", "slimmoe.pipeline.steps.evaluate"))
-def evaluate(stage: str, model: dict, blocks: dict, settings: dict, tracking: dict, run_id: str,
-             teacher: dict | None = None) -> dict:
+@task(name="evaluate", task_run_name="evaluate-{stage}", cache_policy=step_policy())
+def evaluate(stage: str, model: ModelRef, blocks: TokenBlocks, settings: EvalConfig, tracking: TrackingSettings,
+             run_id: str, teacher: ModelRef | None = None) -> dict:
     """Held-out perplexity and KL to the teacher, total / active parameters, throughput,
     peak memory and lm-eval scores of the stage's model."""
-    metrics = stages.evaluate_stage(model["path"], blocks["path"], teacher_dir=teacher["path"] if teacher else None,
-                                    **settings)
+    metrics = library.evaluate_stage(model.path, blocks.path, teacher_dir=teacher.path if teacher else None,
+                                     **settings.model_dump())
     tr = tracker(tracking)
-    if blocks["eval_blocks"]:
-        tr.log_dataset(run_id, "eval", blocks["source"], blocks["fingerprint"], blocks["eval_blocks"], blocks["seq_len"], "eval")
+    if blocks.eval_blocks:
+        tr.log_dataset(run_id, "eval", blocks.source, blocks.fingerprint, blocks.eval_blocks, blocks.seq_len, "eval")
     numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     tr.log_metrics(run_id, {(k if "/" in k else f"eval/{k}"): v for k, v in numeric.items()})
     create_table_artifact(key=artifact_key("stage", stage, "metrics"), table=[{"stage": stage, **metrics}],
@@ -142,7 +143,7 @@ def evaluate(stage: str, model: dict, blocks: dict, settings: dict, tracking: di
     kl = metrics.get("kl_to_teacher")
     create_markdown_artifact(
         key=artifact_key("stage", stage, "summary"),
-        markdown=f"### Stage `{stage}`\n\n* model: `{model['path']}`\n* perplexity: {metrics['perplexity']:.3f}\n"
+        markdown=f"### Stage `{stage}`\n\n* model: `{model.path}`\n* perplexity: {metrics['perplexity']:.3f}\n"
                  + (f"* KL(teacher || model): {kl:.4f} nats/token\n" if kl is not None else "")
                  + f"* total / active parameters: {metrics['total_params']:,} / {metrics['active_params']:,}\n"
                  f"* MLflow run: [{run_id}]({tr.run_url(run_id)})\n",

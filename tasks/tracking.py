@@ -10,7 +10,6 @@ The library (``slimmoe/``) never imports this module; only ``tasks/`` and ``flow
 from __future__ import annotations
 
 import json
-import math
 import os
 import shlex
 import tempfile
@@ -23,11 +22,13 @@ from typing import Any
 # Opt back in by exporting MLFLOW_DISABLE_TELEMETRY=false.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from matplotlib.figure import Figure  # noqa: E402  (no pyplot: its global state is not thread-safe)
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_LOGGED_ARTIFACTS, MLFLOW_PARENT_RUN_ID  # noqa: E402
+from pydantic import BaseModel  # noqa: E402
+
+from tasks.figures import as_float, importance_figure, loss_figure, read_series  # noqa: E402
 
 # MLflow's limits (mlflow/utils/validation.py).
 MAX_KEY, MAX_PARAM_VALUE, MAX_TAG_VALUE, MAX_DIGEST = 250, 6000, 8000, 36
@@ -42,13 +43,32 @@ def default_uri(output_dir: str | os.PathLike) -> str:
     return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
 
 
+class TrackingSettings(BaseModel):
+    """Where a flow's runs and models go; built once per flow (:meth:`for_output`)."""
+
+    uri: str
+    experiment: str
+    artifact_location: str | None = None
+    register_models: bool = True
+
+    @classmethod
+    def for_output(cls, uri: str | None, experiment: str, output_dir: str | os.PathLike,
+                   register_models: bool = True) -> "TrackingSettings":
+        """``uri`` (default: ``sqlite:///<output_dir>/mlflow.db``), artifacts under ``<output_dir>/mlartifacts``."""
+        out = Path(output_dir).resolve()
+        return cls(uri=uri or default_uri(out), experiment=experiment,
+                   artifact_location=(out / "mlartifacts").as_uri(), register_models=register_models)
+
+
 def metric_name(key: str) -> str:
-    """Name under which a distill record key is logged: ``loss`` -> ``train/loss``,
-    ``eval_kl`` -> ``eval/kl``; keys that already hold a ``/`` are kept."""
+    """Name under which a distillation record key is logged: ``loss`` -> ``train/loss``;
+    the loop's own held-out pass ``held_out_kl`` -> ``distill/held_out_kl`` (``eval/...``
+    names the evaluate step's numbers, measured on other blocks: README, "Evaluation");
+    keys that already hold a ``/`` are kept."""
     if "/" in key:
         return key
-    if key.startswith("eval_"):
-        return "eval/" + key[len("eval_"):]
+    if key.startswith("held_out_"):
+        return "distill/" + key
     return "train/" + key
 
 
@@ -86,17 +106,6 @@ def _flatten(params: Any, prefix: str = "") -> dict[str, str]:
         else:
             out[_key(name)] = _value(v)[:MAX_PARAM_VALUE]
     return out
-
-
-def _as_float(v: Any) -> float | None:
-    """A finite-or-inf float, or None for None / NaN / non-numbers (tensors and numpy ok)."""
-    if v is None or isinstance(v, str):
-        return None
-    try:
-        x = float(v.item() if hasattr(v, "item") else v)
-    except (TypeError, ValueError, RuntimeError):
-        return None
-    return None if math.isnan(x) else x
 
 
 def _chunks(items: list, n: int) -> Iterable[list]:
@@ -190,7 +199,7 @@ class Tracker:
     def log_metrics(self, run_id: str, metrics: Mapping[str, Any], step: int | None = None) -> int:
         """One batched call; None, NaN and non-numbers are skipped. Returns how many were logged."""
         ts, st = int(time.time() * 1000), int(step or 0)
-        items = [Metric(_key(k), x, ts, st) for k, v in metrics.items() if (x := _as_float(v)) is not None]
+        items = [Metric(_key(k), x, ts, st) for k, v in metrics.items() if (x := as_float(v)) is not None]
         for chunk in _chunks(items, METRICS_PER_BATCH):
             self.client.log_batch(run_id, metrics=chunk)
         return len(items)
@@ -199,7 +208,7 @@ class Tracker:
         """Many steps' metrics in as few batched calls as possible (one call costs ~10-20 ms on sqlite)."""
         ts = int(time.time() * 1000)
         items = [Metric(_key(k), x, ts, int(step)) for step, metrics in rows for k, v in metrics.items()
-                 if (x := _as_float(v)) is not None]
+                 if (x := as_float(v)) is not None]
         for chunk in _chunks(items, METRICS_PER_BATCH):
             self.client.log_batch(run_id, metrics=chunk)
         return len(items)
@@ -235,7 +244,7 @@ class Tracker:
         names = []
         with tempfile.TemporaryDirectory() as tmp:
             for i in layers:
-                fig = _importance_figure(i, {k: getattr(scores, k).get(i) for k in kinds})
+                fig = importance_figure(i, {k: getattr(scores, k).get(i) for k in kinds})
                 fig.savefig(Path(tmp) / f"layer_{i:02d}.png", dpi=80)
                 names.append(f"importance/layer_{i:02d}.png")
             (Path(tmp) / "meta.json").write_text(json.dumps(_jsonable(scores.meta), indent=1))
@@ -244,12 +253,12 @@ class Tracker:
 
     def log_loss_curve(self, run_id: str, losses_jsonl_path: str | os.PathLike) -> int:
         """Plot ``loss_curve.png`` from distill's ``losses.jsonl`` and log its per-step values
-        as metrics (``train/loss``, ``eval/kl``, ...) for every name the run does not already
+        as metrics (``train/loss``, ``train/lr``, ...) for every name the run does not already
         have, so a cached re-run neither duplicates nor loses curves. Returns points logged."""
-        series = _read_series(Path(losses_jsonl_path))
+        series = read_series(Path(losses_jsonl_path), metric_name)
         if not series:
             return 0
-        self.client.log_figure(run_id, _loss_figure(series), "loss_curve.png")
+        self.client.log_figure(run_id, loss_figure(series), "loss_curve.png")
         ts, items = int(time.time() * 1000), []
         for name, points in series.items():
             if not self.client.get_metric_history(run_id, name):
@@ -341,74 +350,3 @@ def _cell(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return "" if v is None else str(v).replace("|", "\\|")
-
-
-def _read_series(path: Path) -> dict[str, dict[int, float]]:
-    """{metric name: {step: value}}; blank, torn (crash) and step-less lines are skipped;
-    a step seen twice (resume) keeps its last value."""
-    series: dict[str, dict[int, float]] = {}
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-            step = int(rec["step"])
-        except (ValueError, KeyError, TypeError):
-            continue
-        for k, v in rec.items():
-            if k != "step" and (x := _as_float(v)) is not None:
-                series.setdefault(metric_name(k), {})[step] = x
-    return series
-
-
-def _loss_figure(series: dict[str, dict[int, float]]) -> Figure:
-    evals = {k: v for k, v in series.items() if k.startswith("eval/")}
-    fig = Figure(figsize=(10 if evals else 6, 3.5), layout="constrained")
-    axes = fig.subplots(1, 2 if evals else 1, squeeze=False)[0]
-    train = {k: v for k, v in series.items() if k.endswith("loss") and not k.startswith("eval/")}
-    for k, pts in train.items():
-        steps = sorted(pts)
-        axes[0].plot(steps, [pts[s] for s in steps], label=k, linewidth=1)
-    axes[0].set(xlabel="step", ylabel="loss", title="distillation loss")
-    axes[0].legend(fontsize=8)
-    if evals:
-        for k, pts in evals.items():
-            steps = sorted(pts)
-            axes[1].plot(steps, [pts[s] for s in steps], marker="o", label=k)
-        axes[1].set(xlabel="step", title="held-out eval")
-        if all(v > 0 for pts in evals.values() for v in pts.values()):
-            axes[1].set_yscale("log")
-        axes[1].legend(fontsize=8)
-    return fig
-
-
-def _importance_figure(layer: int, t: dict[str, Any]) -> Figure:
-    """Histogram of neuron scores (log x when all positive), bars for KV groups / experts."""
-    import numpy as np
-
-    panels = [k for k in ("neurons", "kv_groups", "experts") if t.get(k) is not None
-              or (k == "neurons" and t.get("shared") is not None)]
-    fig = Figure(figsize=(4.2 * max(len(panels), 1), 3.2), layout="constrained")
-    axes = fig.subplots(1, max(len(panels), 1), squeeze=False)[0]
-    fig.suptitle(f"layer {layer}")
-    for ax, kind in zip(axes, panels):
-        if kind == "neurons":
-            parts = {n: t[n].detach().double().flatten().numpy() for n in ("neurons", "shared")
-                     if t.get(n) is not None and t[n].numel()}
-            vals = np.concatenate(list(parts.values())) if parts else np.zeros(0)
-            vals_f = vals[np.isfinite(vals)]
-            log = vals_f.size > 0 and vals_f.min() > 0 and vals_f.max() > vals_f.min()
-            bins = np.geomspace(vals_f.min(), vals_f.max(), 50) if log else 50
-            for n, v in parts.items():
-                ax.hist(v[np.isfinite(v)], bins=bins, alpha=0.7, label=f"{n} ({v.size})")
-            if log:
-                ax.set_xscale("log")
-            ax.set(title="neuron scores", xlabel="score", ylabel="count")
-            if parts:
-                ax.legend(fontsize=7)
-        else:
-            v = t[kind].detach().double().flatten().numpy()
-            ax.bar(np.arange(v.size), v, color="tab:orange" if kind == "experts" else "tab:green")
-            if v.size <= 32:
-                ax.set_xticks(np.arange(v.size))
-            ax.set(title="KV-group scores" if kind == "kv_groups" else "expert scores",
-                   xlabel="KV group" if kind == "kv_groups" else "expert")
-    return fig

@@ -11,11 +11,11 @@ import signal
 import torch
 from helpers_distill import one_torch_thread, tiny_phimoe  # noqa: F401 - autouse fixture
 
-from flows.common import rerun_if_missing
 from slimmoe.distill.checkpoint import load_latest_checkpoint, save_checkpoint, truncate_jsonl
 from slimmoe.faults import CRASH_ENV
 from slimmoe.io.atomic import COMPLETE_FILE, atomic_write_text, is_complete, replace_folder, save_pretrained_atomic
 from tasks import steps
+from tasks.caching import cached
 
 
 def killed_child(point: str, fn) -> None:
@@ -77,9 +77,9 @@ def test_folder_without_marker_is_recomputed(tmp_path):
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"half")
     scores.write_bytes(b"x")
-    assert rerun_if_missing(steps.slim, str(done), str(scores)) is steps.slim
+    assert cached(steps.slim, tmp_path / "out", str(done), str(scores)).refresh_cache is False
     for missing in (partial, gone):
-        assert rerun_if_missing(steps.slim, str(missing)).refresh_cache is True
+        assert cached(steps.slim, tmp_path / "out", str(missing)).refresh_cache is True
 
 
 def test_torn_log_line_is_dropped_on_resume(tmp_path):

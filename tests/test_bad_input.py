@@ -233,7 +233,7 @@ def test_the_base_config_passes_every_check_and_its_tokens_are_reused_by_the_flo
     d = cfg.data
     ref = stages.prepare_data(d.train, str(cfg.teacher), tmp_path / "blocks", d.seq_len, eval_path=d.eval,
                               eval_fraction=d.eval_fraction, text_field=d.text_field, max_blocks=d.max_blocks)
-    assert ref["train_blocks"] > 0
+    assert ref.train_blocks > 0
 
 
 def test_force_lets_run_claim_a_foreign_folder(w, tmp_path):

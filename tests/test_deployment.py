@@ -177,6 +177,24 @@ def wait_for_flow_run(api: str, run_id: str, procs: Processes, timeout: float = 
                 f"{diagnostics(api, run_id, procs)}")
 
 
+def step_states(api: str, flow_run_id: str, timeout: float = 60) -> dict[str, str]:
+    """Name -> state of the pipeline steps of a finished flow run, once the server has recorded
+    every task run in a final state (task-run states arrive as events, recorded asynchronously)."""
+    deadline, last = time.monotonic() + timeout, None
+    while True:
+        runs = httpx.post(f"{api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run_id]}}},
+                          timeout=10).json()
+        seen = {r["name"]: (r.get("state") or {}).get("name") for r in runs}
+        settled = runs and all((r.get("state") or {}).get("type") in FINAL_STATES for r in runs)
+        if settled and seen == last:
+            return {("prepare-data" if n.startswith("prepare-data") else n): v for n, v in seen.items()
+                    if n.split("-")[0] in ("prepare", "importance", "slim", "distill", "evaluate")}
+        last = seen if settled else None
+        if time.monotonic() > deadline:
+            pytest.fail(f"task runs of {flow_run_id} not settled after {timeout}s: {seen}")
+        time.sleep(1)
+
+
 def diagnostics(api: str, run_id: str, procs: Processes) -> str:
     try:
         logs = httpx.post(f"{api}/logs/filter", json={"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200},
@@ -211,6 +229,16 @@ def test_compress_deployment_runs_on_a_worker(prefect_stack, tmp_path):
     assert deployment["job_variables"]["env"]["SLIMMOE_ROOT"] == str(ROOT)
     assert deployment["parameters"]["config"]["name"] == "tiny-demo"
 
+    # First the same pipeline through the CLI, from another folder with relative paths; the
+    # work-pool run must then find every step in the cache (nothing a CLI run and a worker
+    # run do differently enters a cache key).
+    relative = {**config, "teacher": "teacher/model", "output_dir": "out", "data": {**config["data"],
+                                                                                    "train": "teacher/corpus.txt"}}
+    (tmp_path / "pipe.yaml").write_text(json.dumps(relative))
+    proc = subprocess.run([sys.executable, "-m", "slimmoe.cli", "run", "pipe.yaml"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
     out = cli(env, "deployment", "run", "compress/demo", "--params", json.dumps({"config": config}))
     match = re.search(r"UUID:\s*([0-9a-f-]{36})", out)
     assert match, out
@@ -218,6 +246,8 @@ def test_compress_deployment_runs_on_a_worker(prefect_stack, tmp_path):
     assert run["state"]["type"] == "COMPLETED", (
         f"flow run ended {run['state']['type']}: {run['state'].get('message')}\n{diagnostics(api, run['id'], procs)}")
     assert run["parameters"]["config"]["output_dir"] == config["output_dir"]
+    steps = step_states(api, run["id"])
+    assert len(steps) == 10 and set(steps.values()) == {"Cached"}, steps
 
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [r["stage"] for r in summary["stages"]] == ["teacher", "mid", "final"]

@@ -168,10 +168,16 @@ def test_evaluate_task_passes_the_teacher_and_logs_every_number(saved, monkeypat
     monkeypatch.setattr(steps, "tracker", lambda tracking: FakeTracker())
     monkeypatch.setattr(steps, "create_table_artifact", lambda **kw: tables.append(kw["table"]))
     monkeypatch.setattr(steps, "create_markdown_artifact", lambda **kw: None)
-    settings = EvalConfig(**SMALL).model_dump()
-    ref = {"path": str(root / "teacher")}
-    blocks_ref = {"path": str(root / "blocks.pt"), "eval_blocks": 4, "source": "d.txt", "fingerprint": "f", "seq_len": 16}
-    metrics = steps.evaluate.fn("mid", {"path": str(root / "student")}, blocks_ref, settings, {}, "run1", teacher=ref)
+    from slimmoe.pipeline.steps import ModelRef, TokenBlocks
+    from tasks.tracking import TrackingSettings
+
+    settings = EvalConfig(**SMALL)
+    ref = ModelRef(path=str(root / "teacher"), fingerprint="t")
+    blocks_ref = TokenBlocks(path=str(root / "blocks.pt"), eval_blocks=4, train_blocks=6, source="d.txt",
+                             fingerprint="f", seq_len=16)
+    student = ModelRef(path=str(root / "student"), fingerprint="s")
+    tracking = TrackingSettings(uri="sqlite:///unused.db", experiment="unused")
+    metrics = steps.evaluate.fn("mid", student, blocks_ref, settings, tracking, "run1", teacher=ref)
     assert metrics["kl_to_teacher"] > 0.05
     assert logged["eval/kl_to_teacher"] == metrics["kl_to_teacher"]
     assert logged["eval/generate_tokens_per_second_b8"] == metrics["generate_tokens_per_second_b8"]

@@ -4,12 +4,11 @@ caching across runs, and a distill task that fails once and resumes on retry."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from prefect.client.schemas.sorting import FlowRunSort
+from helpers_prefect import last_task_states
 from prefect.testing.utilities import prefect_test_harness
 from tiny_models import tiny_teacher_with_tokenizer
 from transformers import AutoModelForCausalLM
@@ -53,14 +52,6 @@ def run(path, *overrides):
     for o in overrides:
         args += ["--set", o]
     assert main(args) == 0
-
-
-def last_task_states() -> dict[str, str]:
-    """Task-run name -> state name of the newest flow run."""
-    with get_client(sync_client=True) as client:
-        flow_run = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
-    return {r.name: r.state.name for r in runs}
 
 
 def test_first_run_with_a_failing_distill_retries_and_resumes(pipeline, monkeypatch):
@@ -133,6 +124,34 @@ def test_second_run_is_fully_cached(pipeline, monkeypatch):
     steps = {n: s for n, s in states.items() if n.split("-")[0] in STEP_TASKS or n.startswith("prepare-data")}
     assert len(steps) == 10 and set(steps.values()) == {"Cached"}, steps
     assert (root / "out" / "final" / "model" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_a_work_pool_run_of_the_same_config_finds_the_cli_runs_cache(pipeline, monkeypatch, tmp_path):
+    """What differs between `slimmoe run` and a work-pool run (working directory, relative vs
+    absolute paths, environment, a dict parameter instead of the CLI's pre-flight) enters no
+    cache key: both ways find every step of the first run cached."""
+    from flows.compress import compress
+
+    root, _, config = pipeline
+    monkeypatch.delenv(FAULT_ENV, raising=False)
+    relative = {**config, "teacher": "teacher/model", "output_dir": "out",
+                "data": {**config["data"], "train": "teacher/corpus.txt"}}
+    assert (root / relative["teacher"]).resolve() == Path(config["teacher"]).resolve()
+    assert (root / relative["data"]["train"]).resolve() == Path(config["data"]["train"]).resolve()
+    (root / "relative.yaml").write_text(yaml.safe_dump(relative))
+    monkeypatch.chdir(root)
+    run(root / "relative.yaml")  # the CLI, paths relative to the working directory
+    steps = {n: s for n, s in last_task_states().items() if n.split("-")[0] in STEP_TASKS or n.startswith("prepare-data")}
+    assert len(steps) == 10 and set(steps.values()) == {"Cached"}, steps
+
+    elsewhere = tmp_path / "worker-cwd"  # as a worker starts it: another folder, another env, the flow itself
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("SLIMMOE_CACHE", str(tmp_path / "worker-cache"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "worker-hf"))
+    compress(config=json.loads(json.dumps(config)))
+    steps = {n: s for n, s in last_task_states().items() if n.split("-")[0] in STEP_TASKS or n.startswith("prepare-data")}
+    assert len(steps) == 10 and set(steps.values()) == {"Cached"}, steps
 
 
 def test_changing_stage_two_recomputes_only_stage_two(pipeline):

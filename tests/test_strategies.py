@@ -171,13 +171,13 @@ def write_run(tmp_path, stages):
 
 
 def test_run_config_with_drop_and_total_params_validates_and_resolves(tmp_path, capsys):
-    from flows.common import resolve_pipeline
+    from slimmoe.pipeline.resolve import resolve_pipeline
 
     path = write_run(tmp_path, [{"name": "final", "strategy": "drop", "total_params": "120K", "distill": None}])
     cfg = load_pipeline_config(path)
     assert cfg.stages[0].total_params == 120_000 and cfg.stages[0].importance.expert_score == "reap"
     check_config(cfg)  # the teacher here is a config.json only: check_inputs would also want weights and data
-    resolved, _ = resolve_pipeline(cfg)
+    resolved = resolve_pipeline(cfg)
     st = resolved.stages[0]
     assert st.expert_intermediate_size == WIDTH and 2 <= st.num_experts < 8
     printed = capsys.readouterr().out

@@ -136,10 +136,10 @@ def test_importance_histograms_one_png_per_layer(env, tmp_path):
 
 
 def _losses(path: Path) -> Path:
-    lines = [json.dumps({"step": 0, "eval_kl": 0.9, "eval_ppl": 40.0, "eval_nll": 3.7})]
+    lines = [json.dumps({"step": 0, "held_out_kl": 0.9, "held_out_ppl": 40.0, "held_out_nll": 3.7})]
     lines += [json.dumps({"step": s, "loss": 3.0 / s, "lr": 1e-3, "tokens": 512 * s, "grad_norm": 1.0})
               for s in range(1, 6)]
-    lines += ["", json.dumps({"step": 5, "eval_kl": 0.5, "eval_ppl": 30.0, "eval_nll": 3.4}), '{"step": 6, "lo']
+    lines += ["", json.dumps({"step": 5, "held_out_kl": 0.5, "held_out_ppl": 30.0, "held_out_nll": 3.4}), '{"step": 6, "lo']
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -153,11 +153,11 @@ def test_loss_curve_logs_png_and_metrics_once(env, tmp_path):
     assert "loss_curve.png" in _artifacts(tr, run)
     hist = tr.client.get_metric_history(run, "train/loss")
     assert [m.step for m in hist] == [1, 2, 3, 4, 5] and hist[0].value == pytest.approx(3.0)
-    assert [m.step for m in tr.client.get_metric_history(run, "eval/kl")] == [0, 5]
+    assert [m.step for m in tr.client.get_metric_history(run, "distill/held_out_kl")] == [0, 5]
 
     assert tr.log_loss_curve(run, path) == 0  # cached re-run
     assert len(tr.client.get_metric_history(run, "train/loss")) == 5
-    assert len(tr.client.get_metric_history(run, "eval/ppl")) == 2
+    assert len(tr.client.get_metric_history(run, "distill/held_out_ppl")) == 2
 
     live = _run(tr)  # a run whose distill callback already logged train/loss live
     tr.log_metrics(live, {"train/loss": 2.0}, step=2)
@@ -237,7 +237,7 @@ def test_store_layout_and_nothing_in_cwd(env):
 
 def test_helpers_and_library_never_imports_mlflow(tmp_path):
     assert default_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
-    assert [metric_name(k) for k in ("loss", "eval_kl", "slim/x")] == ["train/loss", "eval/kl", "slim/x"]
+    assert [metric_name(k) for k in ("loss", "held_out_kl", "slim/x")] == ["train/loss", "distill/held_out_kl", "slim/x"]
     lib = Path(__file__).resolve().parents[1] / "slimmoe"
     pattern = re.compile(r"^\s*(import|from)\s+(mlflow|prefect|tasks|flows)\b", re.M)
     offenders = [p.name for p in lib.rglob("*.py") if pattern.search(p.read_text())]

@@ -8,7 +8,9 @@ explicit sizes per stage (``StageConfig.targets()``), every path absolute.
 from __future__ import annotations
 
 import copy
-from typing import Callable
+import os
+from pathlib import Path
+from typing import Callable, TypeVar
 
 from slimmoe.arch import get_adapter
 from slimmoe.errors import UserError
@@ -18,6 +20,8 @@ from slimmoe.pipeline.schema import PipelineConfig, StageConfig
 from slimmoe.prune.plan import resolve_targets, source_sizes
 from slimmoe.prune.schedule import format_schedule, interpolate_stages
 from slimmoe.prune.strategies import resolve_sizes
+
+Config = TypeVar("Config")  # a PipelineConfig or an AblationConfig
 
 
 def expand_schedule(cfg: PipelineConfig, teacher_config) -> PipelineConfig:
@@ -76,10 +80,37 @@ def format_stages(cfg: PipelineConfig, teacher_config) -> str:
     return format_schedule([s.targets() for s in cfg.stages], teacher_config, names=[s.name for s in cfg.stages])
 
 
+def _absolute(p):
+    return os.path.abspath(os.path.expanduser(p))
+
+
+def anchor_paths(cfg: Config) -> Config:
+    """A copy of a pipeline (or ablation) config whose local paths are absolute: the output
+    folder, and the teacher, data and teacher-cache paths that exist here (a hub id stays as
+    it is). The same files spelled ``data/x.txt`` from one working directory and
+    ``/repo/data/x.txt`` from another are then the same input to every step and cache key."""
+    def local(p):
+        return _absolute(p) if p and Path(os.path.expanduser(p)).exists() else p
+
+    def stage(s: StageConfig) -> StageConfig:
+        if not (s.distill and s.distill.teacher_cache_dir):
+            return s
+        cache = Path(_absolute(s.distill.teacher_cache_dir))
+        return s.model_copy(update={"distill": s.distill.model_copy(update={"teacher_cache_dir": cache})})
+
+    data = cfg.data.model_copy(update={"train": local(cfg.data.train), "eval": local(cfg.data.eval)})
+    update = {"teacher": local(cfg.teacher), "output_dir": Path(_absolute(cfg.output_dir)), "data": data}
+    if getattr(cfg, "stages", None):
+        update["stages"] = [stage(s) for s in cfg.stages]
+    return cfg.model_copy(update=update)
+
+
 def resolve_pipeline(config: PipelineConfig, echo: Callable[[str], None] = print) -> PipelineConfig:
-    """Explicit stages for ``config``: an automatic schedule expanded and parameter targets
-    solved into sizes (both tables are passed to ``echo`` before anything runs). A dense or
-    unsupported teacher fails here, before any work."""
+    """Explicit stages for ``config``, every local path absolute (:func:`anchor_paths`): an
+    automatic schedule expanded and parameter targets solved into sizes (both tables are
+    passed to ``echo`` before anything runs). A dense or unsupported teacher fails here,
+    before any work."""
+    config = anchor_paths(config)
     teacher_cfg = load_config(config.teacher, "teacher")
     get_adapter(teacher_cfg)
     cfg = expand_schedule(config, teacher_cfg)

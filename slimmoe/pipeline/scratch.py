@@ -11,16 +11,15 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from slimmoe.evaluation.params import parameter_counts
 from slimmoe.io.atomic import replace_folder
 from slimmoe.io.loading import load_config, load_tokenizer
-from slimmoe.pipeline.steps.refs import model_ref
+from slimmoe.pipeline.steps.refs import ModelRef
 
 
-def init_scratch(shape_dir: str | Path, out_dir: str | Path, seed: int) -> dict:
+def init_scratch(shape_dir: str | Path, out_dir: str | Path, seed: int) -> ModelRef:
     """Save a model with ``shape_dir``'s config (and tokenizer) and fresh weights from
     transformers' own initialisation under ``torch.manual_seed(seed)``; atomic (a failed
-    save leaves ``out_dir`` as it was). Returns path, fingerprint and parameter counts."""
+    save leaves ``out_dir`` as it was)."""
     config = load_config(str(shape_dir), "shape")
     config.architectures = None  # from_config writes its own
     with torch.random.fork_rng(devices=[]):
@@ -31,4 +30,4 @@ def init_scratch(shape_dir: str | Path, out_dir: str | Path, seed: int) -> dict:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-    return {**model_ref(out_dir), **parameter_counts(model), "seed": seed}
+    return ModelRef.of(out_dir)

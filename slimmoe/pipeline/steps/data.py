@@ -10,10 +10,11 @@ from slimmoe.errors import UserError
 from slimmoe.io.atomic import atomic_torch_save
 from slimmoe.io.data import data_fingerprint, load_blocks
 from slimmoe.io.loading import load_tokenizer
+from slimmoe.pipeline.steps.refs import TokenBlocks
 
 
 def prepare_data(source: str, tokenizer_dir: str, out_dir: str | Path, seq_len: int, eval_path: str | None = None,
-                 eval_fraction: float = 0.05, text_field: str = "text", max_blocks: int | None = None) -> dict:
+                 eval_fraction: float = 0.05, text_field: str = "text", max_blocks: int | None = None) -> TokenBlocks:
     """Tokenise and pack the corpus once; ``out_dir/blocks-<fp>.pt`` holds train and eval blocks."""
     tok = load_tokenizer(tokenizer_dir)
     if tok is None:
@@ -27,8 +28,8 @@ def prepare_data(source: str, tokenizer_dir: str, out_dir: str | Path, seq_len: 
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_torch_save({"train": train, "eval": held}, path)
     blocks = torch.load(path, weights_only=True)
-    return {"path": str(path), "fingerprint": fp, "source": str(source), "seq_len": seq_len,
-            "train_blocks": int(blocks["train"].shape[0]), "eval_blocks": int(blocks["eval"].shape[0])}
+    return TokenBlocks(path=str(path), fingerprint=fp, source=str(source), seq_len=seq_len,
+                       train_blocks=int(blocks["train"].shape[0]), eval_blocks=int(blocks["eval"].shape[0]))
 
 
 def load_prepared(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,14 +13,14 @@ from slimmoe.distill import distill
 from slimmoe.io.atomic import atomic_write_text, is_complete, mark_complete
 from slimmoe.io.loading import TOKENIZER_FILES
 from slimmoe.pipeline.steps.data import load_prepared
-from slimmoe.pipeline.steps.refs import folder_fingerprint, model_ref
+from slimmoe.pipeline.steps.refs import DistilledModel, ModelRef, folder_fingerprint
 from slimmoe.prune.plan import PLAN_FILE
 
 INPUTS_FILE = "distill_inputs.json"  # what the run in a distill folder was started from
 
 
 def distill_stage(student_dir: str, teacher_dir: str, blocks_path: str, cfg: DistillConfig, out_dir: str | Path,
-                  metrics_callback=None) -> dict:
+                  metrics_callback=None) -> DistilledModel:
     """Distil; resumes from ``out_dir/checkpoints`` when called again after a failure.
 
     ``out_dir`` gets the completion marker only after the model, tokenizer and plan are in it.
@@ -28,7 +28,7 @@ def distill_stage(student_dir: str, teacher_dir: str, blocks_path: str, cfg: Dis
     A folder left by a run with other inputs (student, teacher, data or settings) is
     cleared first, so its checkpoints are never resumed into a different run.
     """
-    identity = json.dumps({"student": folder_fingerprint(student_dir), "teacher": model_ref(teacher_dir)["fingerprint"],
+    identity = json.dumps({"student": folder_fingerprint(student_dir), "teacher": ModelRef.of(teacher_dir).fingerprint,
                            "blocks": Path(blocks_path).name,  # blocks-<data fingerprint>.pt
                            "config": cfg.model_dump(mode="json")}, sort_keys=True)
     out = Path(out_dir)
@@ -48,4 +48,4 @@ def distill_stage(student_dir: str, teacher_dir: str, blocks_path: str, cfg: Dis
             os.replace(out / f".{name}.tmp", out / name)
     if not is_complete(out):
         mark_complete(out)  # last: the folder is now a result (flows check this, not mere existence)
-    return {**model_ref(out_dir), "distill": asdict(result)}
+    return DistilledModel(**ModelRef.of(out_dir).model_dump(), distill=asdict(result))

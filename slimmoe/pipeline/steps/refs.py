@@ -1,9 +1,19 @@
-"""How steps name a checkpoint to each other: its path and a content fingerprint."""
+"""What steps hand each other: small typed records of paths, content fingerprints and counts.
+
+A record names where a result lies (``path``) and what it is (``fingerprint``, counts).
+:meth:`StepRecord.cache_identity` is the part a cache key may hash: what the result *is*,
+never where it was written or how the path was spelled, so a run from the CLI and one from
+a work pool (another working directory, relative instead of absolute paths) find the same
+cached results.
+"""
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
 
 _BIG = 64 << 20  # files larger than this are fingerprinted by size + head + tail
 
@@ -29,8 +39,63 @@ def folder_fingerprint(path: str | Path) -> str:
     return h.hexdigest()[:24]
 
 
-def model_ref(path: str | Path) -> dict:
-    """A local checkpoint as tasks pass it around: path + fingerprint."""
-    p = Path(path)
-    fp = folder_fingerprint(p) if p.is_dir() else hashlib.sha256(str(path).encode()).hexdigest()[:24]
-    return {"path": str(path), "fingerprint": fp}
+def file_fingerprint(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:24]
+
+
+class StepRecord(BaseModel):
+    """Base of the records; immutable, unknown fields refused."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: str
+    fingerprint: str
+
+    def cache_identity(self) -> dict[str, Any]:
+        """What a cache key hashes of this record: every field but ``path``."""
+        return self.model_dump(mode="json", exclude={"path"})
+
+
+class ModelRef(StepRecord):
+    """A checkpoint folder (or a hub id, fingerprinted by its name)."""
+
+    @classmethod
+    def of(cls, path: str | Path) -> "ModelRef":
+        p = Path(path)
+        fp = folder_fingerprint(p) if p.is_dir() else hashlib.sha256(str(path).encode()).hexdigest()[:24]
+        return cls(path=str(path), fingerprint=fp)
+
+    def cache_identity(self) -> dict[str, Any]:
+        return {"fingerprint": self.fingerprint}
+
+
+class TokenBlocks(StepRecord):
+    """The packed corpus (``blocks-<fingerprint>.pt``): train and held-out blocks of ``seq_len``."""
+
+    source: str  # data.train as given (for MLflow's dataset record; not part of the identity)
+    seq_len: int
+    train_blocks: int
+    eval_blocks: int
+
+    def cache_identity(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"path", "source"})
+
+
+class ImportanceRef(StepRecord):
+    """A scores file (``importance.pt``) and how many calibration tokens made it."""
+
+    calibration_tokens: int
+
+
+class SlimmedModel(ModelRef):
+    """A slimmed checkpoint, its parameter counts and the sizes it was cut to."""
+
+    total_params: int
+    active_params: int
+    target: dict[str, int | None]
+
+
+class DistilledModel(ModelRef):
+    """A distilled checkpoint and what its run did (``slimmoe.distill.DistillResult`` fields)."""
+
+    distill: dict[str, Any]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from slimmoe.arch import get_adapter
@@ -10,11 +9,12 @@ from slimmoe.config import ImportanceConfig, SlimTargets
 from slimmoe.faults import crash_point
 from slimmoe.io.loading import load_model
 from slimmoe.pipeline.steps.data import load_prepared
+from slimmoe.pipeline.steps.refs import ImportanceRef, file_fingerprint
 from slimmoe.prune.importance import estimate_importance, wanted_for
 
 
 def score(model_dir: str, teacher_dir: str | None, blocks_path: str, cfg: ImportanceConfig, targets: SlimTargets,
-          out_path: str | Path, progress: bool = True) -> dict:
+          out_path: str | Path, progress: bool = True) -> ImportanceRef:
     """Importance of ``model_dir``'s structures against the teacher (itself when None)."""
     model = load_model(model_dir)
     want = wanted_for(get_adapter(model.config), model.config, targets)
@@ -25,5 +25,5 @@ def score(model_dir: str, teacher_dir: str | None, blocks_path: str, cfg: Import
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     scores.save(out_path)
-    return {"path": str(out_path), "fingerprint": hashlib.sha256(out_path.read_bytes()).hexdigest()[:24],
-            "calibration_tokens": int(train[: cfg.samples].numel())}
+    return ImportanceRef(path=str(out_path), fingerprint=file_fingerprint(out_path),
+                         calibration_tokens=int(train[: cfg.samples].numel()))
