@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-quality ablation clean
+.PHONY: install demo test bench bench-quality ablation constraints clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,6 +31,9 @@ bench-quality: $(STAMP)  # the ablation on the demo teacher, 3 seeds (~20+ min o
 
 ablation: $(STAMP)  # strategies side by side on the demo teacher: outputs/demo/ablation/report.md
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/slimmoe ablate deployments/configs/ablation-demo.yaml
+
+constraints:  # re-resolve every dependency within pyproject.toml's ranges, pin them in constraints.txt, run the suite
+	PY=$(PY) scripts/refresh-constraints
 
 clean:
 	rm -rf $(VENV) outputs runs
