@@ -244,9 +244,48 @@ class DistillConfig(StrictModel):
         "auto", description="transformers' experts kernel; auto = fastest measured on the device")
     teacher_cache_dir: Path | None = Field(None, description="folder caching the teacher's top-k outputs (off when unset)")
     teacher_device_map: str | None = Field(None, description="e.g. 'auto' to spread a large teacher")
-    distributed: Literal["ddp", "fsdp"] = Field("ddp", description="how processes under torchrun share the student")
+    sharding: Literal["fsdp", "ddp", "none"] | None = Field(
+        None, description="how processes share the student: fsdp (FSDP2, sharded), ddp (replicated), none "
+        "(one process); default: fsdp with more than one process, none otherwise")
+    max_shard_size: str = Field("5GB", description="largest safetensors file of the final model (save_pretrained)")
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the saved model; auto: the teacher's (the student's without a teacher)")
     log_every: int = Field(1, gt=0, description="optimizer steps between logged metrics")
     progress: bool = Field(True, description="progress bar on stderr")
     nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="a NaN/inf loss or gradient norm: stop with an error, or skip that batch's update")
     max_nonfinite_skips: int = Field(10, ge=0, description="with nonfinite: skip, stop after this many skips")
+
+
+class LaunchConfig(StrictModel):
+    """How many processes a step runs in, started by ``torchrun`` (``torch.distributed.run``).
+
+    One node: ``nproc_per_node`` processes on this machine. Several: the same command on
+    every node with its ``node_rank``, all pointing at one ``master_addr``:``master_port``
+    (static rendezvous), or at a c10d ``rdzv_endpoint`` shared by all (elastic rendezvous).
+    """
+
+    nproc_per_node: int = Field(1, gt=0, description="processes per node (one per GPU)")
+    nnodes: int = Field(1, gt=0, description="nodes taking part")
+    node_rank: int = Field(0, ge=0, description="this node's index, 0 .. nnodes-1 (static rendezvous)")
+    master_addr: str = Field("127.0.0.1", description="address of node 0 (static rendezvous)")
+    master_port: int | None = Field(None, gt=0, lt=65536, description="port on node 0; default: a free port "
+                                    "on one node, 29500 on several")
+    rdzv_endpoint: str | None = Field(None, description="host:port of a c10d rendezvous (elastic launch); "
+                                      "replaces master_addr/port and node_rank")
+    rdzv_id: str = Field("slimmoe", description="job id shared by the nodes of one c10d rendezvous")
+
+    @field_validator("node_rank")
+    @classmethod
+    def _node_rank_in_range(cls, v: int, info) -> int:
+        nnodes = info.data.get("nnodes", 1)
+        if v >= nnodes:
+            raise ValueError(f"must be below nnodes ({nnodes}), got {v}")
+        return v
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+    def is_multiprocess(self) -> bool:
+        return self.world_size > 1

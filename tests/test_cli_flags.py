@@ -58,7 +58,9 @@ def test_every_distill_config_field_is_a_flag_of_slimmoe_distill():
         assert flag in opts, f"{name}: no {flag} in slimmoe distill"
         assert opts[flag].dest == name
         assert field.description and field.description in opts[flag].help.replace("%%", "%")
-        choices = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is Literal else None
+        ann = field.annotation  # Literal[...] or Literal[...] | None
+        inner = [a for a in typing.get_args(ann) if a is not type(None)] if typing.get_origin(ann) is not Literal else [ann]
+        choices = typing.get_args(inner[0]) if len(inner) == 1 and typing.get_origin(inner[0]) is Literal else None
         assert opts[flag].choices == (list(choices) if choices else None), name
 
 
@@ -79,11 +81,11 @@ def test_every_generated_flag_of_a_command_has_help_text(name):
 
 def test_today_flags_keep_their_meaning(tmp_path):
     (tmp_path / "held.txt").write_text("held out")
-    args = parse("distill", "--tokens", "640", "--teacher-cache", "/tmp/tc", "--no-progress", "--distributed", "fsdp",
+    args = parse("distill", "--tokens", "640", "--teacher-cache", "/tmp/tc", "--no-progress", "--sharding", "fsdp",
                  "--micro-batch-size", "2", "--eval-fraction", "0.25", "--random-blocks", "32", "--seq-len", "16",
                  "--max-blocks", "9", "--eval-data", str(tmp_path / "held.txt"), "--gradient-checkpointing", "--checkpoint-every", "5")
     cfg = cli_distill.DISTILL_FLAGS.build(args)
-    assert (cfg.teacher_cache_dir, cfg.progress, cfg.distributed) == (Path("/tmp/tc"), False, "fsdp")
+    assert (cfg.teacher_cache_dir, cfg.progress, cfg.sharding) == (Path("/tmp/tc"), False, "fsdp")
     assert (cfg.micro_batch_size, cfg.gradient_checkpointing, cfg.checkpoint_every) == (2, True, 5)
     data = cli_distill.DATA_FLAGS.build(args)
     assert (data.eval_fraction, data.random_blocks, data.seq_len, data.max_blocks, data.eval_data) == (
@@ -120,7 +122,7 @@ def test_choices_come_from_the_literals():
 
 @pytest.mark.parametrize("argv", [
     ["distill", "s", "t", "o", "--tokens", "64", "--loss", "mse"],
-    ["distill", "s", "t", "o", "--tokens", "64", "--distributed", "horovod"],
+    ["distill", "s", "t", "o", "--tokens", "64", "--sharding", "horovod"],
     ["prune", "m", "o", "--strategy", "shrink"],
     ["prune", "m", "o", "--score", "gradient"],
     ["distill", "s", "t", "o"],  # --tokens is required: DistillConfig.tokens has no default

@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).parents[1]
 LIB = ROOT / "slimmoe"
 LEAVES = {"slimmoe", "slimmoe.errors", "slimmoe.config", "slimmoe.losses", "slimmoe.resources", "slimmoe.faults"}
-LEVEL = {"io": 1, "arch": 1, "evaluation": 2, "prune": 3, "distill": 3, "pipeline": 4, "cli": 5}
+LEVEL = {"io": 1, "arch": 1, "parallel": 1, "evaluation": 2, "prune": 3, "distill": 3, "pipeline": 4, "cli": 5}
 FORBIDDEN_ROOTS = ("prefect", "mlflow", "tasks", "flows")
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from slimmoe.cli.common import add_safety_flags, run_guarded
+from slimmoe.cli.common import add_launch_flags, add_safety_flags, run_guarded, run_launched
 from slimmoe.cli.flags import ModelFlags
 from slimmoe.config import DistillConfig, StrictModel
 from slimmoe.errors import UserError
@@ -60,6 +60,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder")
     DATA_FLAGS.add_to(p, "data")
     DISTILL_FLAGS.add_to(p, "distillation (DistillConfig)")
+    add_launch_flags(p)
     add_safety_flags(p)
     p.set_defaults(func=run)
     return p
@@ -81,6 +82,8 @@ def _vocab_size(path: Path) -> int | None:
 
 
 def run(args) -> int:
+    if run_launched(args):  # --nproc-per-node N: the same command in N processes
+        return 0
     out = Path(args.out)
     from slimmoe.distill.loop import DONE_FILE
 
@@ -156,7 +159,9 @@ def _load_data(d: DistillData, tok_dir: Path | None, vocab_size: int, seed: int)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="slimmoe")
     add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["distill", *(sys.argv[1:] if argv is None else argv)])
+    argv = ["distill", *(sys.argv[1:] if argv is None else argv)]
+    args = parser.parse_args(argv)
+    args.argv = argv
     return run_guarded(run, args)
 
 

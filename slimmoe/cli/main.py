@@ -26,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     logging.getLogger("slimmoe").setLevel(logging.INFO)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)  # argparse itself exits 2 with a usage line on bad flags
+    args.argv = argv  # a command that starts its own processes runs itself again in them
     return run_guarded(args.func, args)
 
 

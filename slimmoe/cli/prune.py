@@ -11,7 +11,7 @@ import json
 
 from pydantic import Field, field_validator
 
-from slimmoe.cli.common import add_safety_flags
+from slimmoe.cli.common import add_launch_flags, add_safety_flags, run_launched
 from slimmoe.cli.flags import ModelFlags
 from slimmoe.config import (
     DROP_EXPERT_SCORES,
@@ -51,11 +51,14 @@ def add_parser(sub) -> None:
     p.add_argument("out", metavar="OUT", help="output folder")
     PRUNE_FLAGS.add_to(p, "pruning (PruneConfig: targets, importance, data)")
     OPTION_FLAGS.add_to(p, "run")
+    add_launch_flags(p)
     add_safety_flags(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if run_launched(args):  # --nproc-per-node N: scoring split over N processes
+        return 0
     from slimmoe.prune.one_shot import prune
 
     opts = OPTION_FLAGS.build(args)

@@ -38,7 +38,7 @@ def make_accelerator(cfg: DistillConfig) -> Accelerator:
     if mp == "auto":
         mp = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
     kw: dict[str, Any] = {}
-    if cfg.distributed == "fsdp":
+    if cfg.sharding == "fsdp":
         from accelerate import FullyShardedDataParallelPlugin
 
         kw["fsdp_plugin"] = FullyShardedDataParallelPlugin(state_dict_type="FULL_STATE_DICT")
@@ -81,8 +81,8 @@ def load_models(student, teacher, train_blocks, cfg: DistillConfig, device: torc
 
 def uses_fsdp(cfg: DistillConfig, acc: Accelerator) -> bool:
     fsdp = acc.distributed_type == DistributedType.FSDP
-    if cfg.distributed == "fsdp" and not fsdp and acc.is_main_process:
-        warn_caller(f"distributed: FSDP is not available here ({acc.distributed_type.value}); using DDP")
+    if cfg.sharding == "fsdp" and not fsdp and acc.is_main_process:
+        warn_caller(f"sharding: FSDP is not available here ({acc.distributed_type.value}); using DDP")
     return fsdp
 
 
