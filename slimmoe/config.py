@@ -274,6 +274,8 @@ class LaunchConfig(StrictModel):
     rdzv_endpoint: str | None = Field(None, description="host:port of a c10d rendezvous (elastic launch); "
                                       "replaces master_addr/port and node_rank")
     rdzv_id: str = Field("slimmoe", description="job id shared by the nodes of one c10d rendezvous")
+    device_memory: str | None = Field(None, description="memory of one device, e.g. 80GiB; slimmoe run stops "
+                                      "before starting when a step would not fit (default: the GPU's, if any)")
 
     @field_validator("node_rank")
     @classmethod

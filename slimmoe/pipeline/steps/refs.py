@@ -15,32 +15,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-_BIG = 64 << 20  # files larger than this are fingerprinted by size + head + tail
+from slimmoe.io.fingerprint import file_fingerprint, folder_fingerprint
 
-
-def folder_fingerprint(path: str | Path) -> str:
-    """Content hash of a checkpoint folder: names and bytes of its top-level files.
-
-    Files over 64 MiB (real checkpoints' shards) are hashed by size and their first and
-    last MiB, which keeps fingerprinting a 80 GB teacher to seconds.
-    """
-    h = hashlib.sha256()
-    for f in sorted(p for p in Path(path).iterdir() if p.is_file()):
-        h.update(f.name.encode())
-        size = f.stat().st_size
-        h.update(str(size).encode())
-        with open(f, "rb") as fh:
-            if size <= _BIG:
-                h.update(fh.read())
-            else:
-                h.update(fh.read(1 << 20))
-                fh.seek(size - (1 << 20))
-                h.update(fh.read())
-    return h.hexdigest()[:24]
-
-
-def file_fingerprint(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:24]
+__all__ = ["DistilledModel", "ImportanceRef", "ModelRef", "SlimmedModel", "StepRecord", "TokenBlocks", "file_fingerprint",
+           "folder_fingerprint"]
 
 
 class StepRecord(BaseModel):
