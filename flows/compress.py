@@ -13,6 +13,7 @@ from pathlib import Path
 from prefect import flow
 
 from flows.common import StageOutputs, fingerprint, flow_guard, stage_row, teacher_row, tracking_settings
+from slimmoe.config import LaunchConfig
 from slimmoe.pipeline.resolve import resolve_pipeline
 from slimmoe.pipeline.schema import PipelineConfig, StageConfig
 from slimmoe.pipeline.steps import ImportanceRef, ModelRef, TokenBlocks
@@ -43,7 +44,7 @@ def _compress(config: PipelineConfig) -> dict:
     current, version = teacher, None
     for stage in cfg.stages:
         row, current, version = compress_stage(cfg.name, stage, current, version, teacher, blocks, tracking, parent,
-                                               StageOutputs(out, stage.name))
+                                               StageOutputs(out, stage.name), launch=cfg.launch)
         rows.append(row)
 
     return lineage.summarize(cfg, rows, tracking, parent)
@@ -51,26 +52,28 @@ def _compress(config: PipelineConfig) -> dict:
 
 def compress_stage(pipeline: str, stage: StageConfig, current: ModelRef, current_version: str | None,
                    teacher: ModelRef, blocks: TokenBlocks, tracking: TrackingSettings, parent: str, where,
-                   scores: ImportanceRef | None = None) -> tuple[dict, ModelRef, str | None]:
+                   scores: ImportanceRef | None = None,
+                   launch: LaunchConfig = LaunchConfig()) -> tuple[dict, ModelRef, str | None]:
     """importance -> slim -> distill -> evaluate -> register, for one stage; returns its summary
     row, its model and that model's registered version. ``where`` names the stage's outputs
     (``StageOutputs`` or the ablation's ``ArmOutputs``; its ``root`` holds the step cache).
 
-    ``scores`` given (an importance result computed once for several callers) skips the importance step."""
+    ``scores`` given (an importance result computed once for several callers) skips the importance step;
+    ``launch`` runs importance and distillation in several processes."""
     run = lineage.start_stage_run(parent, stage, current, teacher, blocks, tracking)
     kd_teacher = None if current.path == teacher.path else teacher  # stage 1: the model is its own teacher
     root = where.root
 
     if scores is None:
         scores = cached(steps.importance, root, where.scores)(stage.name, current, kd_teacher, blocks, stage.importance,
-                                                              stage.targets(), where.scores, tracking, run)
+                                                              stage.targets(), where.scores, tracking, run, launch)
     pruned = where.pruned if stage.distill else where.model  # a prune-only stage's result is its model
     small = cached(steps.slim, root, pruned)(stage.name, current, scores, stage.targets(), stage.importance, pruned,
                                              tracking, run)
     student = small
     if stage.distill:
         student = cached(steps.distill, root, where.model)(stage.name, small, teacher, blocks, stage.distill,
-                                                           where.model, tracking, run)
+                                                           where.model, tracking, run, launch)
     metrics = cached(steps.evaluate, root)(stage.name, student, blocks, stage.eval, tracking, run, teacher=teacher)
     version = lineage.register_stage_model(pipeline, stage.name, student, current, current_version, tracking, run)
     return stage_row(stage.name, small, student, scores, metrics, run, version), student, version

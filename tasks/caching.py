@@ -6,8 +6,9 @@ A step's cache key (:func:`step_policy`) hashes
   (``slimmoe.pipeline.steps.refs``) by its content fingerprint and counts, never by the
   path it lies at; a settings model by its fields; an output ``Path`` made absolute. So a
   run from ``slimmoe run`` and one from a work pool (another working directory, relative
-  instead of absolute paths, another environment) compute the same keys. MLflow run ids
-  and tracking settings are not inputs of the result and are left out;
+  instead of absolute paths, another environment) compute the same keys. MLflow run ids,
+  tracking settings and the number of processes (``launch``: N processes compute the same
+  result as one, up to float reassociation) are left out;
 * the task function's source (Prefect's ``TASK_SOURCE``);
 * the source of every slimmoe module the task can reach (:class:`LibraryCode`), computed
   from the code by ``tasks.code_reach``, not listed by hand.
@@ -32,7 +33,7 @@ from pydantic import BaseModel
 
 from tasks.code_reach import code_hash, reached_modules
 
-NOT_CACHE_INPUTS = ("run_id", "tracking")
+NOT_CACHE_INPUTS = ("run_id", "tracking", "launch")
 logger = logging.getLogger("slimmoe")
 
 

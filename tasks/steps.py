@@ -9,18 +9,23 @@ explicitly: MLflow's active run is thread-local) and leaves a Prefect artifact.
 
 from __future__ import annotations
 
+import json
 import os
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from slimmoe.config import DistillConfig, ImportanceConfig, SlimTargets
+from slimmoe.config import DistillConfig, ImportanceConfig, LaunchConfig, SlimTargets
 from slimmoe.errors import UserError
 from slimmoe.pipeline import steps as library
 from slimmoe.pipeline.schema import DataConfig, EvalConfig
 from slimmoe.pipeline.steps import DistilledModel, ImportanceRef, ModelRef, SlimmedModel, TokenBlocks
+from slimmoe.pipeline.steps.launched import run_across
 from tasks.caching import step_policy
 from tasks.tracking import Tracker, TrackingSettings, metric_key, metric_name
 
@@ -59,6 +64,38 @@ class LiveMetrics:
         self.rows, self.last = [], time.monotonic()
 
 
+@contextmanager
+def following(path: Path, live: LiveMetrics, every_s: float = 2.0) -> Iterator[None]:
+    """While the block runs, feed the metrics lines other processes append to ``path`` to
+    ``live`` (a step launched across processes has no callback in this process)."""
+    stop, seen = threading.Event(), [0]
+
+    def read() -> None:
+        if not path.is_file():
+            return
+        lines = path.read_text().splitlines()
+        for line in lines[seen[0]:]:
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a line being written; read it next time
+                break
+            live.add(int(rec.pop("step")), rec)
+            seen[0] += 1
+
+    def loop() -> None:
+        while not stop.wait(every_s):
+            read()
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        read()
+
+
 def artifact_key(*parts: str) -> str:
     return "-".join(p.lower().replace("_", "-").replace(".", "-") for p in parts)[:100]
 
@@ -73,9 +110,16 @@ def prepare_data(data: DataConfig, teacher: ModelRef, out_dir: Path) -> TokenBlo
 
 @task(name="importance", task_run_name="importance-{stage}", cache_policy=step_policy())
 def importance(stage: str, model: ModelRef, teacher: ModelRef | None, blocks: TokenBlocks, settings: ImportanceConfig,
-               targets: SlimTargets, out_path: Path, tracking: TrackingSettings, run_id: str) -> ImportanceRef:
-    """Score the current model's structures against the original teacher (itself when None)."""
-    res = library.score(model.path, teacher.path if teacher else None, blocks.path, settings, targets, out_path)
+               targets: SlimTargets, out_path: Path, tracking: TrackingSettings, run_id: str,
+               launch: LaunchConfig = LaunchConfig()) -> ImportanceRef:
+    """Score the current model's structures against the original teacher (itself when None),
+    in the processes ``launch`` asks for."""
+    kwargs = dict(model_dir=model.path, teacher_dir=teacher.path if teacher else None, blocks_path=blocks.path,
+                  cfg=settings, targets=targets, out_path=out_path)
+    if launch.is_multiprocess():
+        res = run_across(launch, library.score, {**kwargs, "progress": False}, Path(out_path).parent)
+    else:
+        res = library.score(**kwargs)
     tr = tracker(tracking)
     tr.log_dataset(run_id, "calibration", blocks.source, blocks.fingerprint, min(settings.samples, blocks.train_blocks),
                    blocks.seq_len, "calibration")
@@ -101,8 +145,9 @@ def retry_unless_user_error(task, task_run, state) -> bool:
 @task(name="distill", task_run_name="distill-{stage}", retries=2, retry_delay_seconds=1,
       retry_condition_fn=retry_unless_user_error, cache_policy=step_policy())
 def distill(stage: str, student: ModelRef, teacher: ModelRef, blocks: TokenBlocks, settings: DistillConfig,
-            out_dir: Path, tracking: TrackingSettings, run_id: str) -> DistilledModel:
-    """Distil from the original teacher. A retry resumes from the newest checkpoint in ``out_dir``."""
+            out_dir: Path, tracking: TrackingSettings, run_id: str, launch: LaunchConfig = LaunchConfig()) -> DistilledModel:
+    """Distil from the original teacher, in the processes ``launch`` asks for. A retry resumes
+    from the newest checkpoint in ``out_dir``."""
     tr = tracker(tracking)
     fault_at = int(os.environ.get(FAULT_ENV, "0") or 0)
     marker = Path(out_dir).with_name(Path(out_dir).name + ".fault-injected")
@@ -116,9 +161,16 @@ def distill(stage: str, student: ModelRef, teacher: ModelRef, blocks: TokenBlock
             live.flush()
             raise RuntimeError(f"injected fault at step {step} ({FAULT_ENV})")
 
+    kwargs = dict(student_dir=student.path, teacher_dir=teacher.path, blocks_path=blocks.path, cfg=settings,
+                  out_dir=out_dir)
+    metrics_file = Path(out_dir).with_name(Path(out_dir).name + ".metrics.jsonl")
     try:
-        res = library.distill_stage(student.path, teacher.path, blocks.path, settings, out_dir,
-                                    metrics_callback=on_metrics)
+        if launch.is_multiprocess():
+            metrics_file.unlink(missing_ok=True)
+            with following(metrics_file, live):
+                res = run_across(launch, library.distill_stage, kwargs, Path(out_dir).parent, metrics_file)
+        else:
+            res = library.distill_stage(**kwargs, metrics_callback=on_metrics)
     finally:
         live.flush()
     tr.log_dataset(run_id, "train", blocks.source, blocks.fingerprint, blocks.train_blocks, blocks.seq_len, "train")

@@ -20,6 +20,7 @@ from slimmoe.config import (
     DROP_STRATEGIES,
     DistillConfig,
     ImportanceConfig,
+    LaunchConfig,
     SlimTargets,
     Strategy,
     StrictModel,
@@ -213,6 +214,8 @@ class PipelineConfig(StrictModel):
     stages: list[StageConfig] = Field(default_factory=list)
     schedule: ScheduleConfig | None = None
     tracking: TrackingConfig = TrackingConfig()
+    launch: LaunchConfig = Field(default_factory=LaunchConfig, description="processes the importance and distill "
+                                 "steps run in (torchrun); one by default")
     seed: int = 0
     trust_remote_code: bool = Field(False, description="run Python code shipped with the teacher's checkpoint")
     allow_pickle: bool = Field(False, description="load pickle weights (pytorch_model.bin); safetensors only when false")

@@ -21,20 +21,23 @@ def evaluate_stage(model_dir: str, blocks_path: str, max_blocks: int = 64, batch
     memory, KL to ``teacher_dir`` and lm-eval tasks, as ``options`` (``EvalConfig`` fields) ask.
 
     KL is 0.0 without a forward pass when the model is the teacher; it is left out when
-    no teacher is given or ``kl_to_teacher`` is false. The model runs on CUDA when present.
+    no teacher is given or ``kl_to_teacher`` is false. With GPUs, the model and the teacher
+    are each spread over all of them (``device_map="auto"``: layers placed in order over the
+    GPUs, then the CPU), so neither has to fit one device; peak memory is then read on the
+    first GPU only.
     """
     crash_point("evaluate")  # tests: die mid-pipeline, after the stage's model is complete
 
     cfg = EvalConfig(max_blocks=max_blocks, batch_size=batch_size, **options)
-    device = "cuda" if torch.cuda.is_available() else None
-    model = load_model(model_dir, device=device)
+    placement = {"device_map": "auto"} if torch.cuda.is_available() else {}
+    model = load_model(model_dir, **placement)
     train, held = load_prepared(blocks_path)
     split = "eval" if held.numel() else "train"
     blocks = (held if held.numel() else train)[: cfg.max_blocks]
     is_teacher = teacher_dir is not None and Path(teacher_dir).resolve() == Path(model_dir).resolve()
     teacher = None
     if cfg.kl_to_teacher and teacher_dir is not None and not is_teacher:
-        teacher = load_model(teacher_dir, "teacher", device=device)
+        teacher = load_model(teacher_dir, "teacher", **placement)
     with oom_hint("eval", {"batch_size": cfg.batch_size, "throughput_batch_sizes": cfg.throughput_batch_sizes}):
         metrics = evaluate(model, blocks, cfg.batch_size, teacher=teacher,
                            throughput_batch_sizes=cfg.throughput_batch_sizes,

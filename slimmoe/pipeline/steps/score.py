@@ -8,6 +8,7 @@ from slimmoe.arch import get_adapter
 from slimmoe.config import ImportanceConfig, SlimTargets
 from slimmoe.faults import crash_point
 from slimmoe.io.loading import load_model
+from slimmoe.parallel.topology import barrier, topology
 from slimmoe.pipeline.steps.data import load_prepared
 from slimmoe.pipeline.steps.refs import ImportanceRef, file_fingerprint
 from slimmoe.prune.importance import estimate_importance, wanted_for
@@ -23,7 +24,9 @@ def score(model_dir: str, teacher_dir: str | None, blocks_path: str, cfg: Import
     scores = estimate_importance(model, train, cfg, teacher=teacher, want=want, progress=progress)
     crash_point("importance")  # tests: die with the scores computed but not saved
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    scores.save(out_path)
+    if topology().is_main:  # every rank holds the reduced scores; rank 0 writes them
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        scores.save(out_path)
+    barrier()
     return ImportanceRef(path=str(out_path), fingerprint=file_fingerprint(out_path),
                          calibration_tokens=int(train[: cfg.samples].numel()))
