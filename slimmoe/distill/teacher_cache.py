@@ -1,30 +1,57 @@
-"""Memory-mapped store of the teacher's top-k log-probabilities per training block.
+"""Disk store of the teacher's top-k log-probabilities per training block, written by every rank.
 
 When the same packed data is distilled more than once (several stages, several epochs,
-ablations) the teacher's output never changes, so it is computed once per
-(teacher fingerprint, data fingerprint, k, temperature) and read back afterwards.
+ablations) the teacher's output never changes, so it is computed once per key and read back
+afterwards. The key hashes (teacher fingerprint, data fingerprint, k, temperature); the
+teacher fingerprint of a checkpoint folder is computed from its files
+(:func:`teacher_fingerprint`), so a run can find a complete entry (:func:`find_complete`)
+without loading the teacher at all.
 
-Layout of one entry ``<cache_dir>/<key>/``: ``logprobs.f32`` and ``indices.i32`` (raw
-numpy memmaps of shape [N, seq_len, k]) and ``index.json`` (shapes, dtypes, the key's
-parts). The entry is built in a temporary folder and renamed into place, so a folder
-with the key's name is complete.
+Layout of one entry ``<cache_dir>/<key>/``::
+
+    index.json                  shape [N, T, k], dtypes, the key's parts, num_parts, part_size
+    part-000000.logprobs.f32    raw float32 [rows, T, k], rows = part_size (the last part: the rest)
+    part-000000.indices.i32     raw int32   [rows, T, k]
+    part-000000.json            the part's completion marker: rows and sha256 of both data files
+    part-000001.* ...
+
+Blocks are split into parts of ``part_size`` rows, a number that does not depend on the
+world size, and rank r computes the parts p with ``p % world == r`` (:func:`build`). The
+bytes of a part depend only on the part (its rows are run through the teacher in the same
+batches whoever computes them), so an entry written by 2 ranks is byte-identical to one
+written by 1. Every file is written under a temporary name, fsynced and renamed; a part's
+marker is written last, so a kill loses at most the parts in flight and a new build skips
+every part that has its marker. Nothing in an entry names a world size, a pid or a time.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from slimmoe.faults import crash_point
+from slimmoe.io.atomic import atomic_write_text, fsync_dir
+from slimmoe.io.fingerprint import folder_fingerprint
 from slimmoe.losses import teacher_topk
+from slimmoe.parallel import Topology, topology
+from slimmoe.parallel import barrier as dist_barrier
 
 INDEX_FILE = "index.json"
+FORMAT = "slimmoe-teacher-topk/2"  # parts; /1 was one pair of memmaps built by rank 0
+PART_SIZE = 256  # blocks per part: at seq 4096, k 8, 64 MiB of data per part
+_LP, _IDX = "logprobs.f32", "indices.i32"
+
+
+# ---------------------------------------------------------------------------------------------
+# fingerprints and key
 
 
 def fingerprint_blocks(blocks: torch.Tensor) -> str:
@@ -46,94 +73,280 @@ def fingerprint_model(model: torch.nn.Module) -> str:
     return h.hexdigest()[:32]
 
 
+def teacher_fingerprint(teacher: str | Path | torch.nn.Module, *, dtype: str | torch.dtype | None = None) -> str:
+    """The teacher's part of the cache key, without loading a checkpoint.
+
+    A checkpoint folder (str or Path) is fingerprinted from its files
+    (:func:`slimmoe.io.fingerprint.folder_fingerprint`: names, sizes and bytes, head and tail
+    only of files over 64 MiB); an in-memory module by its weights (:func:`fingerprint_model`).
+    ``dtype``, when given, is mixed in: a folder's outputs depend on the dtype it is loaded in.
+    """
+    if isinstance(teacher, torch.nn.Module):
+        fp = fingerprint_model(teacher)
+    else:
+        path = Path(teacher)
+        if not path.is_dir():
+            raise FileNotFoundError(f"teacher: {path} is not a checkpoint folder")
+        fp = folder_fingerprint(path)
+    if dtype is not None:
+        fp = hashlib.sha256(f"{fp}:{dtype}".encode()).hexdigest()[:32]
+    return fp
+
+
 def cache_key(teacher_fp: str, data_fp: str, k: int, temperature: float) -> str:
-    raw = json.dumps([teacher_fp, data_fp, int(k), float(temperature)])
+    raw = json.dumps([FORMAT, teacher_fp, data_fp, int(k), float(temperature)])
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
 
 
-class TeacherTopkCache:
-    """Read-only view of one complete cache entry."""
+def _entry(cache_dir, blocks: torch.Tensor, teacher_fp: str, data_fp: str | None, k: int,
+           temperature: float, part_size: int = PART_SIZE) -> tuple[Path, dict]:
+    """The entry folder of this key and the index a new entry gets."""
+    if blocks.dim() != 2:
+        raise ValueError(f"teacher cache: blocks must be [N, seq_len], got shape {tuple(blocks.shape)}")
+    if part_size < 1:
+        raise ValueError(f"teacher cache: part_size must be >= 1, got {part_size}")
+    data_fp = data_fp or fingerprint_blocks(blocks)
+    n, seq_len = blocks.shape
+    index = {"format": FORMAT, "shape": [int(n), int(seq_len), int(k)], "logprobs_dtype": "float32",
+             "indices_dtype": "int32", "teacher_fingerprint": teacher_fp, "data_fingerprint": data_fp,
+             "k": int(k), "temperature": float(temperature), "part_size": int(part_size),
+             "num_parts": math.ceil(n / part_size)}
+    return Path(cache_dir) / cache_key(teacher_fp, data_fp, k, temperature), index
 
-    def __init__(self, path: Path):
+
+_KEYED = ("format", "shape", "logprobs_dtype", "indices_dtype", "teacher_fingerprint", "data_fingerprint",
+          "k", "temperature")
+
+
+def _read_index(entry: Path, expected: dict) -> dict | None:
+    """The entry's index.json when it is there and describes this key (its own part size)."""
+    try:
+        index = json.loads((entry / INDEX_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if any(index.get(f) != expected[f] for f in _KEYED) or index.get("part_size", 0) < 1:
+        return None
+    if index.get("num_parts") != math.ceil(index["shape"][0] / index["part_size"]):
+        return None
+    return index
+
+
+# ---------------------------------------------------------------------------------------------
+# parts
+
+
+def _part_name(p: int) -> str:
+    return f"part-{p:06d}"
+
+
+def _part_rows(index: dict, p: int) -> tuple[int, int]:
+    start = p * index["part_size"]
+    return start, min(start + index["part_size"], index["shape"][0])
+
+
+def _part_complete(entry: Path, index: dict, p: int) -> bool:
+    """The part's marker names its rows, and both data files have the size those rows need.
+    Reads only the marker and two ``stat`` results."""
+    name = _part_name(p)
+    try:
+        marker = json.loads((entry / f"{name}.json").read_text())
+    except (OSError, ValueError):
+        return False
+    start, stop = _part_rows(index, p)
+    if marker.get("part") != p or marker.get("rows") != [start, stop]:
+        return False
+    nbytes = (stop - start) * index["shape"][1] * index["shape"][2] * 4
+    try:
+        return all((entry / f"{name}.{suffix}").stat().st_size == nbytes for suffix in (_LP, _IDX))
+    except OSError:
+        return False
+
+
+def _write_data(path: Path, chunks: list[bytes]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.writelines(chunks)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a killed writer of this part
+        stale.unlink(missing_ok=True)
+
+
+def _write_part(entry: Path, index: dict, p: int, blocks: torch.Tensor, teacher_logits_fn,
+                batch_size: int) -> int:
+    """Run the teacher over part ``p`` in batches of ``batch_size`` and write its three files,
+    the marker last. Returns the number of teacher forwards."""
+    start, stop = _part_rows(index, p)
+    k, temperature = index["k"], index["temperature"]
+    lp_chunks, idx_chunks, forwards = [], [], 0
+    lp_hash, idx_hash = hashlib.sha256(), hashlib.sha256()
+    for s in range(start, stop, batch_size):
+        logits = teacher_logits_fn(blocks[s : min(s + batch_size, stop)])
+        forwards += 1
+        lp, idx = teacher_topk(logits, k=k, temperature=temperature)
+        lp_chunks.append(lp.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        idx_chunks.append(idx.detach().to("cpu", torch.int32).contiguous().numpy().tobytes())
+        lp_hash.update(lp_chunks[-1])
+        idx_hash.update(idx_chunks[-1])
+        del logits, lp, idx
+    name = _part_name(p)
+    _write_data(entry / f"{name}.{_LP}", lp_chunks)
+    _write_data(entry / f"{name}.{_IDX}", idx_chunks)
+    fsync_dir(entry)
+    crash_point("teacher_cache:data", part=p)  # data renamed into place, marker not yet written
+    marker = {"part": p, "rows": [start, stop],
+              "logprobs_sha256": lp_hash.hexdigest(), "indices_sha256": idx_hash.hexdigest()}
+    atomic_write_text(entry / f"{name}.json", json.dumps(marker, sort_keys=True) + "\n")
+    fsync_dir(entry)
+    crash_point("teacher_cache:part", part=p)  # part complete
+    return forwards
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+class TeacherTopkCache:
+    """Read-only view of one complete cache entry; each part's files are memory-mapped on first use."""
+
+    def __init__(self, path: Path, index: dict | None = None):
         self.path = Path(path)
-        self.index = json.loads((self.path / INDEX_FILE).read_text())
-        shape = tuple(self.index["shape"])
-        self._lp = np.memmap(self.path / "logprobs.f32", dtype=np.float32, mode="r", shape=shape)
-        self._idx = np.memmap(self.path / "indices.i32", dtype=np.int32, mode="r", shape=shape)
+        self.index = index if index is not None else json.loads((self.path / INDEX_FILE).read_text())
+        self._parts: dict[int, tuple[np.memmap, np.memmap]] = {}
 
     def __len__(self) -> int:
         return self.index["shape"][0]
 
+    def _part(self, p: int) -> tuple[np.memmap, np.memmap]:
+        if p not in self._parts:
+            start, stop = _part_rows(self.index, p)
+            shape = (stop - start, *self.index["shape"][1:])
+            name = _part_name(p)
+            self._parts[p] = (np.memmap(self.path / f"{name}.{_LP}", dtype=np.float32, mode="r", shape=shape),
+                              np.memmap(self.path / f"{name}.{_IDX}", dtype=np.int32, mode="r", shape=shape))
+        return self._parts[p]
+
     def get(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k log-probs (float32) and token ids (int64) of the given block rows."""
-        r = rows.cpu().numpy()
-        lp = torch.from_numpy(np.ascontiguousarray(self._lp[r]))
-        idx = torch.from_numpy(np.ascontiguousarray(self._idx[r])).long()
-        return lp, idx
+        """Top-k log-probs (float32) and token ids (int64) of the given block rows, [b, T, k]."""
+        r = np.asarray(rows.cpu().numpy() if isinstance(rows, torch.Tensor) else rows, dtype=np.int64).reshape(-1)
+        n, seq_len, k = self.index["shape"]
+        if r.size and (r.min() < 0 or r.max() >= n):
+            raise IndexError(f"teacher cache {self.path}: rows must be in 0..{n - 1}")
+        lp = np.empty((r.size, seq_len, k), dtype=np.float32)
+        idx = np.empty((r.size, seq_len, k), dtype=np.int32)
+        parts = r // self.index["part_size"]
+        for p in np.unique(parts).tolist():
+            sel = np.nonzero(parts == p)[0]
+            local = r[sel] - p * self.index["part_size"]
+            lp_mm, idx_mm = self._part(p)
+            lp[sel], idx[sel] = lp_mm[local], idx_mm[local]
+        return torch.from_numpy(lp), torch.from_numpy(idx).long()
+
+    def verify(self) -> bool:
+        """Re-hash every part's data against its marker (reads the whole entry)."""
+        for p in range(self.index["num_parts"]):
+            name = _part_name(p)
+            marker = json.loads((self.path / f"{name}.json").read_text())
+            for suffix, field in ((_LP, "logprobs_sha256"), (_IDX, "indices_sha256")):
+                if hashlib.sha256((self.path / f"{name}.{suffix}").read_bytes()).hexdigest() != marker[field]:
+                    return False
+        return True
 
 
-def build_or_open(
-    cache_dir: Path,
-    blocks: torch.Tensor,
-    teacher_logits_fn: Callable[[torch.Tensor], torch.Tensor],
-    *,
-    teacher_fp: str,
-    k: int,
-    temperature: float,
-    batch_size: int,
-    build: bool = True,
-) -> TeacherTopkCache:
-    """Open the entry for this key, building it first if it is missing and ``build`` is set.
+def _open_if_complete(entry: Path, expected: dict) -> TeacherTopkCache | None:
+    index = _read_index(entry, expected)
+    if index is None or not all(_part_complete(entry, index, p) for p in range(index["num_parts"])):
+        return None
+    return TeacherTopkCache(entry, index)
 
-    ``teacher_logits_fn(ids [b, T]) -> logits [b, T, V]`` runs the teacher. Only one
-    process should build; the others call with ``build=False`` after a barrier.
+
+def _all_reduce_int(value: int, op, topo: Topology | None) -> int:
+    """``value`` reduced over every rank (collective; ``value`` itself with one process)."""
+    if topo is None or topo.world <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return value
+    device = torch.device("cpu") if dist.get_backend() == "gloo" else topo.device
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=op)
+    return int(t.item())
+
+
+def find_complete(cache_dir, blocks: torch.Tensor, *, teacher_fp: str, k: int, temperature: float,
+                  data_fp: str | None = None, topo: Topology | None = None) -> TeacherTopkCache | None:
+    """The entry of this key, opened, if its index and every part's marker are there; else None.
+
+    Reads only small files (index.json, the part markers, ``stat`` of the data files).
+    ``data_fp``, when given, replaces hashing ``blocks``. With ``topo`` of more than one
+    process this is a collective (every rank calls it) and the answer is the same on every
+    rank: the cache only when every rank found it complete. Without ``topo`` each rank
+    decides alone, which can differ between ranks while another rank is already building,
+    so a multi-process caller that decides whether to call :func:`build` must pass ``topo``.
     """
-    data_fp = fingerprint_blocks(blocks)
-    key = cache_key(teacher_fp, data_fp, k, temperature)
-    final = Path(cache_dir) / key
-    if (final / INDEX_FILE).is_file():
-        return TeacherTopkCache(final)
-    if not build:
-        raise FileNotFoundError(f"teacher cache entry {final} is missing")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".tmp-{key}-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    n, seq_len = blocks.shape
-    shape = (n, seq_len, k)
-    lp_mm = np.memmap(tmp / "logprobs.f32", dtype=np.float32, mode="w+", shape=shape)
-    idx_mm = np.memmap(tmp / "indices.i32", dtype=np.int32, mode="w+", shape=shape)
+    entry, expected = _entry(cache_dir, blocks, teacher_fp, data_fp, k, temperature)
+    cache = _open_if_complete(entry, expected)
+    if _all_reduce_int(int(cache is not None), dist.ReduceOp.MIN, topo) == 0:
+        return None
+    return cache
+
+
+# ---------------------------------------------------------------------------------------------
+# building
+
+
+def build(cache_dir, blocks: torch.Tensor, teacher_logits_fn: Callable[[torch.Tensor], torch.Tensor], *,
+          teacher_fp: str, k: int, temperature: float, batch_size: int, topo: Topology,
+          data_fp: str | None = None, part_size: int = PART_SIZE, lockstep: bool = False,
+          barrier: Callable[[], None] | None = None) -> TeacherTopkCache:
+    """Build (or finish) the entry of this key and open it. Collective: every rank calls it
+    with the same ``blocks`` (all of them, not a rank's share).
+
+    ``teacher_logits_fn(ids [b, T]) -> logits [b, T, V]`` runs the teacher. Rank r computes
+    the parts p with ``p % topo.world == topo.rank`` that have no marker yet, then waits at
+    one barrier (``barrier``, default torch.distributed's) for the others, then opens the
+    whole entry. ``part_size`` applies to a new entry; a partial one keeps its own.
+
+    A teacher that fits one device is replicated per rank: its forwards are independent,
+    and no collective runs before the final barrier. A sharded teacher's forward (FSDP) is
+    itself a collective, so every rank must run the same number of teacher forwards: pass
+    ``lockstep=True``, and the ranks agree on the largest number of forwards any rank needs
+    (one all-reduce at the start) and the ranks with fewer run the first batch again,
+    discarding the output, until they have run as many.
+    """
+    if batch_size < 1:
+        raise ValueError(f"teacher cache: batch_size must be >= 1, got {batch_size}")
+    entry, index = _entry(cache_dir, blocks, teacher_fp, data_fp, k, temperature, part_size)
+    entry.mkdir(parents=True, exist_ok=True)
+    existing = _read_index(entry, index)
+    if existing is not None:  # a partial entry keeps its part size
+        index = existing
+    elif topo.is_main:  # one writer: rank 0
+        atomic_write_text(entry / INDEX_FILE, json.dumps(index, indent=1, sort_keys=True) + "\n")
+        fsync_dir(entry)
+    todo = [p for p in range(topo.rank, index["num_parts"], topo.world) if not _part_complete(entry, index, p)]
+    needed = sum(math.ceil((b - a) / batch_size) for a, b in (_part_rows(index, p) for p in todo))
+    total = _all_reduce_int(needed, dist.ReduceOp.MAX, topo) if lockstep else needed
+    done = 0
     with torch.no_grad():
-        for s in range(0, n, batch_size):
-            logits = teacher_logits_fn(blocks[s : s + batch_size])
-            lp, idx = teacher_topk(logits, k=k, temperature=temperature)
-            lp_mm[s : s + batch_size] = lp.cpu().numpy()
-            idx_mm[s : s + batch_size] = idx.cpu().to(torch.int32).numpy()
-    lp_mm.flush()
-    idx_mm.flush()
-    del lp_mm, idx_mm
-    index = {
-        "shape": list(shape),
-        "teacher_fingerprint": teacher_fp,
-        "data_fingerprint": data_fp,
-        "k": k,
-        "temperature": temperature,
-        "logprobs_dtype": "float32",
-        "indices_dtype": "int32",
-    }
-    (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1))
-    try:
-        os.replace(tmp, final)
-    except OSError:  # another builder won the race; its entry is equivalent
-        shutil.rmtree(tmp, ignore_errors=True)
-    return TeacherTopkCache(final)
+        for p in todo:
+            done += _write_part(entry, index, p, blocks, teacher_logits_fn, batch_size)
+        for _ in range(total - done):  # lockstep padding: the same forward again, output dropped
+            teacher_logits_fn(blocks[:batch_size])
+    if topo.world > 1:
+        (barrier or dist_barrier)()
+    cache = _open_if_complete(entry, index)
+    if cache is None:
+        missing = [p for p in range(index["num_parts"]) if not _part_complete(entry, index, p)]
+        raise RuntimeError(f"teacher cache {entry}: parts {missing[:8]} are missing after every rank built its share")
+    return cache
 
 
 def open_shared(cache_dir: Path, blocks: torch.Tensor, teacher_logits_fn, *, is_main: bool,
                 barrier: Callable[[], None], **key) -> TeacherTopkCache:
-    """Multi-process :func:`build_or_open`: the main process builds, everyone opens after a barrier."""
-    if is_main:
-        build_or_open(cache_dir, blocks, teacher_logits_fn, **key)
-    barrier()
-    return build_or_open(cache_dir, blocks, teacher_logits_fn, build=False, **key)
+    """Compatibility wrapper (collective): open the complete entry, or build it with every rank.
+    ``is_main`` is implied by the process group; ``key`` holds teacher_fp, k, temperature, batch_size."""
+    topo = topology()
+    batch_size = key.pop("batch_size")
+    cache = find_complete(cache_dir, blocks, topo=topo, **key)
+    if cache is not None:
+        return cache
+    return build(cache_dir, blocks, teacher_logits_fn, batch_size=batch_size, topo=topo, barrier=barrier, **key)
