@@ -6,6 +6,7 @@ and exits 2): running out of disk or memory is fixed by the user, not by a retry
 
 from __future__ import annotations
 
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +33,29 @@ _CPU_OOM = ("not enough memory", "defaultcpuallocator: can't allocate", "out of 
 
 class ResourceError(UserError):
     """Not enough disk space or memory for the requested work."""
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
+               "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?(?:e[0-9]+)?)\s*([a-z]*)\s*$")
+
+
+def parse_size(text: str | int, field: str = "size") -> int:
+    """Bytes of a size as users write it: ``85899345920``, ``80GiB`` (2**30), ``80GB`` (10**9),
+    ``80G`` (= GiB, as ``docker --memory``), ``1.5TiB``; units are case-insensitive.
+    Anything else, or a size below one byte, is a UserError naming ``field``."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        m = _SIZE.match(str(text).lower())
+        if not m or m.group(2) not in _SIZE_UNITS:
+            raise UserError(f"{field}: expected a size like 80GiB, 80GB or 85899345920, got {text!r}")
+        value, unit = float(m.group(1)), m.group(2)
+    n = int(value * _SIZE_UNITS[unit])
+    if n < 1:
+        raise UserError(f"{field}: must be at least one byte, got {text!r}")
+    return n
 
 
 def tensor_bytes(obj: Any) -> int:
