@@ -37,16 +37,26 @@ def _config_args(p, example: str) -> None:
 
 
 def run(args) -> int:
-    from slimmoe.pipeline.resolve import check_inputs
     from slimmoe.pipeline.schema import load_pipeline_config
 
     cfg = _load(load_pipeline_config, args)
-    with _guarded(cfg, check_inputs, "slimmoe run", args.force):
+    with _guarded(cfg, check_run, "slimmoe run", args.force):
         from flows.compress import compress
 
         summary = compress(cfg)
     print(format_summary(summary))
     return 0
+
+
+def check_run(cfg) -> None:
+    """Everything `slimmoe run` checks before its flow starts: the inputs, then, when a device
+    memory is known (launch.device_memory or the GPU's), that every step fits it
+    (slimmoe.pipeline.fit, the model `slimmoe plan` prints)."""
+    from slimmoe.pipeline.fit import check_fits, device_memory_bytes
+    from slimmoe.pipeline.resolve import check_inputs
+
+    check_inputs(cfg)
+    check_fits(cfg, cfg.launch, device_memory_bytes(cfg.launch))
 
 
 def _load(loader, args):

@@ -344,3 +344,21 @@ def test_parse_size():
     for bad in ("", "GiB", "-1GB", "80 apples", "0"):
         with pytest.raises(UserError, match="^size: "):
             parse_size(bad)
+
+
+def test_slimmoe_run_refuses_a_pipeline_that_cannot_fit_before_starting(tmp_path, capsys):
+    """The same check runs before `slimmoe run`: a device memory given in launch.device_memory
+    that one step cannot fit stops the run with one error line, before any output exists."""
+    from tiny_models import tiny_teacher_with_tokenizer
+
+    teacher, corpus = tiny_teacher_with_tokenizer(tmp_path / "teacher", corpus_chars=4000)
+    cfg = {"name": "tight", "teacher": str(teacher), "output_dir": str(tmp_path / "out"),
+           "data": {"train": str(corpus), "seq_len": 32}, "stages": [{"name": "s", "expert_intermediate_size": 8}],
+           "launch": {"device_memory": "1MB"}}
+    path = tmp_path / "tight.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "step needs" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
