@@ -9,6 +9,12 @@ absolute value is taken at the end.
 gradient pass, a forward-only pass or none, and which hooks), then runs them with a
 ``Scorer`` (scorer.py: the hooks, and the sums they fold every gradient and activation into).
 
+Several processes: on a model sharded with FSDP2 (``slimmoe.parallel.shard_decoder_layers``),
+or replicated, in a process group of N, call ``estimate_importance`` in every process. The
+calibration batches are dealt out over the processes (batch j to rank j mod N), FSDP's gradient
+reduce-scatter is made a plain sum, each process folds the rows it holds, and the partial sums
+are all-reduced at the end: every process returns the scores one process would have computed.
+
 Baselines: ``magnitude`` (L1 norm of the structure's weights), ``activation`` (mean
 |activation| of a neuron / of a KV group's attention output, Minitron-style), ``random``.
 Whole experts: ``taylor`` (over the expert's gate/up/down weights; the router row is not
@@ -33,6 +39,7 @@ from slimmoe.errors import UserError
 from slimmoe.io.atomic import atomic_torch_save
 from slimmoe.prune.passes import KINDS, ScoringPasses, Wanted, plan_passes, wanted_for
 from slimmoe.prune.scorer import Scorer
+from slimmoe.prune.shards import rank_batches, summed_gradients
 from slimmoe.resources import oom_hint
 
 __all__ = ["ImportanceScores", "Wanted", "calibration_loss", "estimate_importance", "wanted_for"]
@@ -97,7 +104,8 @@ def estimate_importance(
     scorer = Scorer(model, adapter)
     with _scoring_mode(model), scorer.hooked(passes):
         if passes.data_pass:
-            _run_calibration(model, blocks, cfg, teacher, passes.gradient_pass, progress)
+            _run_calibration(model, blocks, cfg, teacher, scorer, passes.gradient_pass, progress)
+    scorer.reduce()  # the partial sums of every process added (nothing to do in one process)
     return _finish(scorer, passes, cfg, absolute)
 
 
@@ -130,17 +138,21 @@ def _scoring_mode(model: nn.Module):
 
 
 def _run_calibration(model: nn.Module, blocks: torch.Tensor, cfg: ImportanceConfig, teacher: nn.Module | None,
-                     gradient: bool, progress: bool) -> None:
-    """Every calibration batch through the model (and the loss backward when ``gradient``); the hooks score."""
+                     scorer: Scorer, gradient: bool, progress: bool) -> None:
+    """This process's calibration batches through the model (and the loss backward when
+    ``gradient``); the hooks score. A batch that does not count (shards.rank_batches) only
+    keeps the processes in step: its loss is zeroed and its statistics are not kept."""
     device = next(model.parameters()).device
-    with oom_hint("importance", {"batch_size": cfg.batch_size, "seq_len": blocks.shape[1]}):
-        for ids in tqdm(blocks.split(cfg.batch_size), desc="importance", unit="batch", disable=not progress):
-            ids = ids.to(device)
+    with oom_hint("importance", {"batch_size": cfg.batch_size, "seq_len": blocks.shape[1]}), summed_gradients(model):
+        for ids, counts in tqdm(rank_batches(blocks, cfg.batch_size), desc="importance", unit="batch", disable=not progress):
+            ids, scorer.counting = ids.to(device), counts
             if gradient:
-                calibration_loss(model, ids, cfg, teacher).backward()
+                loss = calibration_loss(model, ids, cfg, teacher)
+                (loss if counts else loss * 0).backward()
             else:
                 with torch.no_grad():
                     model(input_ids=ids)
+    scorer.counting = True
 
 
 def _finish(scorer: Scorer, passes: ScoringPasses, cfg: ImportanceConfig, absolute: bool) -> ImportanceScores:

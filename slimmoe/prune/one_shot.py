@@ -1,4 +1,11 @@
-"""One-shot slimming of a checkpoint: calibration data -> importance -> plan -> smaller model."""
+"""One-shot slimming of a checkpoint: calibration data -> importance -> plan -> smaller model.
+
+In several processes (``slimmoe prune ... --nproc-per-node N``, or torchrun), every process
+loads the model and the teacher, shards both with FSDP2 (the teacher forward-only) and scores
+its share of the calibration batches; the scores are reduced over the processes. Rank 0 then
+reads the full model again, builds the plan, slims and writes OUT; the others leave once the
+scores are known, and torchrun ends when rank 0 has written OUT.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,7 @@ import logging
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from slimmoe.arch import get_adapter
 from slimmoe.config import PruneConfig
@@ -13,6 +21,7 @@ from slimmoe.errors import UserError
 from slimmoe.evaluation.params import parameter_counts
 from slimmoe.io.data import load_blocks, random_blocks
 from slimmoe.io.loading import load_config, load_model, load_tokenizer
+from slimmoe.parallel import Topology, barrier, device_mesh, init_process_group, shard_decoder_layers
 from slimmoe.prune.importance import estimate_importance, wanted_for
 from slimmoe.prune.plan import PLAN_FILE, build_plan, resolve_targets
 from slimmoe.prune.slim import apply_plan, save_slimmed
@@ -54,12 +63,22 @@ def prune(model_path: str, out: str | Path, cfg: PruneConfig, teacher_path: str 
     resolve_targets(adapter, config, cfg.targets)  # bad targets fail before any weight is loaded
     if cfg.importance.loss != "lm" and cfg.importance.topk > config.vocab_size:
         raise UserError(f"--topk: {cfg.importance.topk} is larger than MODEL's vocabulary ({config.vocab_size} tokens)")
+    joined_here = not (dist.is_available() and dist.is_initialized())
+    topo = init_process_group()  # one process: nothing to join
     model = load_model(model_path)
     teacher = load_model(teacher_path, "TEACHER") if teacher_path else None
     tokenizer = load_tokenizer(model_path)
     blocks = calibration_blocks(cfg, tokenizer, config.vocab_size)
     want = wanted_for(adapter, config, cfg.targets)  # score only what the plan cuts
-    scores = estimate_importance(model, blocks, cfg.importance, teacher=teacher, want=want, progress=progress)
+    if not topo.distributed:
+        scores = estimate_importance(model, blocks, cfg.importance, teacher=teacher, want=want, progress=progress)
+    else:
+        scores = _score_sharded(model, teacher, blocks, cfg, want, topo, progress)
+        del model, teacher
+        _leave_processes(joined_here)
+        if not topo.is_main:
+            return {"output": str(out), "rank": topo.rank}
+        model = load_model(model_path)  # rank 0 slims the whole model, read again
     plan = build_plan(adapter, model, scores, cfg.targets, score_info=cfg.importance.model_dump())
     before = parameter_counts(model)
     slim = apply_plan(model, plan)
@@ -74,3 +93,23 @@ def prune(model_path: str, out: str | Path, cfg: PruneConfig, teacher_path: str 
         "params_after": after,
         "calibration_tokens": int(blocks.numel()),
     }
+
+
+def _score_sharded(model, teacher, blocks: torch.Tensor, cfg: PruneConfig, want, topo: Topology, progress: bool):
+    """Scores of ``model`` sharded over every process with FSDP2 (and the teacher too, forward-only:
+    each layer's weights are gathered for its forward and freed after), from this process's
+    share of the calibration batches; every process gets the scores of all of them."""
+    mesh = device_mesh(topo)
+    shard_decoder_layers(model, mesh)
+    if teacher is not None:
+        shard_decoder_layers(teacher.requires_grad_(False), mesh)
+    return estimate_importance(model, blocks, cfg.importance, teacher=teacher, want=want,
+                               progress=progress and topo.is_main)
+
+
+def _leave_processes(joined_here: bool) -> None:
+    """Scoring was the last collective: no process waits in one while rank 0 writes OUT (a long
+    write cannot time a collective out). The group is closed if this call opened it."""
+    barrier()
+    if joined_here:
+        dist.destroy_process_group()

@@ -5,6 +5,10 @@ Taylor: gradients are requested only for the tensors being scored, and each one 
 into its per-structure sums by a post-accumulate-grad hook that then frees it, so scoring
 never holds a second full copy of the weights' gradients. Forward statistics (activation,
 frequency, reap) are summed by forward hooks together with the token counts they average over.
+
+On a model sharded over several processes (FSDP2), each process folds the rows of every
+weight and gradient it holds into the sums at their global positions (shards.py), and
+``reduce`` adds the partial sums of all processes once the data passes are over.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch.nn as nn
 
 from slimmoe.arch import MoEAdapter, MoEBlock
 from slimmoe.prune.passes import KINDS, ScoringPasses
+from slimmoe.prune.shards import group_sums, local_rows, owned_rows, reduce_sums
 
 
 def _zeros(*shape) -> torch.Tensor:
@@ -34,6 +39,7 @@ class Scorer:
         self.signed: dict[str, dict[int, torch.Tensor]] = {kind: {} for kind in KINDS}  # taylor sums, signed
         self.stat_sum: dict[str, dict[int, torch.Tensor]] = {kind: {} for kind in KINDS}  # activation / reap / frequency
         self.stat_count: dict[tuple[str, int], torch.Tensor] = {}
+        self.counting = True  # False during a pass that only keeps the processes in step
         self.handles: list = []
 
     @contextmanager
@@ -50,9 +56,11 @@ class Scorer:
 
     # ---- taylor: per-structure sums of w * dL/dw, folded in as soon as a grad exists ----
     def _grad_hook(self, param: nn.Parameter, fold) -> None:
+        """``fold(w * dL/dw, start)`` on the rows held here, ``start`` the global index of the first."""
         def hook(p: torch.Tensor) -> None:
             with torch.no_grad():
-                fold((p.detach() * p.grad).double())
+                w, start = local_rows(p.detach())
+                fold((w * local_rows(p.grad)[0]).double(), start)
             p.grad = None
 
         param.requires_grad_(True)
@@ -82,17 +90,17 @@ class Scorer:
         if experts:
             self.signed["experts"][i] = _zeros(E)
 
-        def fold_gate_up(wg):
+        def fold_gate_up(wg, start):  # rows of experts start, start + 1, ...
             if neurons:
-                self._add("neurons", i, wg[:, :I].sum(-1) + wg[:, I:].sum(-1))
+                self._add("neurons", i, wg[:, :I].sum(-1) + wg[:, I:].sum(-1), start)
             if experts:
-                self._add("experts", i, wg.sum((1, 2)))
+                self._add("experts", i, wg.sum((1, 2)), start)
 
-        def fold_down(wg):
+        def fold_down(wg, start):
             if neurons:
-                self._add("neurons", i, wg.sum(1))
+                self._add("neurons", i, wg.sum(1), start)
             if experts:
-                self._add("experts", i, wg.sum((1, 2)))
+                self._add("experts", i, wg.sum((1, 2)), start)
 
         self._grad_hook(b.experts.gate_up_proj, fold_gate_up)
         self._grad_hook(b.experts.down_proj, fold_down)
@@ -101,27 +109,29 @@ class Scorer:
         i = b.layer_idx
         self.signed["shared"][i] = _zeros(sum(m.gate_proj.weight.shape[0] for m in b.shared))
         offset = 0
-        for m in b.shared:  # the shared experts' neurons, concatenated
-            self._grad_hook(m.gate_proj.weight, lambda wg, o=offset: self._add("shared", i, wg.sum(1), o))
-            self._grad_hook(m.up_proj.weight, lambda wg, o=offset: self._add("shared", i, wg.sum(1), o))
-            self._grad_hook(m.down_proj.weight, lambda wg, o=offset: self._add("shared", i, wg.sum(0), o))
+        for m in b.shared:  # the shared experts' neurons, concatenated; down's rows are hidden units
+            self._grad_hook(m.gate_proj.weight, lambda wg, start, o=offset: self._add("shared", i, wg.sum(1), o + start))
+            self._grad_hook(m.up_proj.weight, lambda wg, start, o=offset: self._add("shared", i, wg.sum(1), o + start))
+            self._grad_hook(m.down_proj.weight, lambda wg, start, o=offset: self._add("shared", i, wg.sum(0), o))
             offset += m.gate_proj.weight.shape[0]
 
     def _taylor_kv_hooks(self, i: int, layer: nn.Module) -> None:
         attn = self.adapter.attention(layer)
         self.signed["kv_groups"][i] = _zeros(self.kv)
 
-        def fold(wg):
-            self._add("kv_groups", i, wg.reshape(self.kv, -1).sum(1))
+        def fold(rows: int):
+            return lambda wg, start: self._add("kv_groups", i, group_sums(wg, start, rows, self.kv))
 
         for proj in (attn.q_proj, attn.k_proj, attn.v_proj):  # rows laid out group by group
-            self._grad_hook(proj.weight, fold)
-            if proj.bias is not None:
-                self._grad_hook(proj.bias, fold)
-        self._grad_hook(attn.o_proj.weight, lambda wg: self._add("kv_groups", i, wg.sum(0).reshape(self.kv, -1).sum(1)))
+            for p in (proj.weight, proj.bias):
+                if p is not None:
+                    self._grad_hook(p, fold(p.shape[0]))
+        self._grad_hook(attn.o_proj.weight, lambda wg, start: self._add("kv_groups", i, wg.sum(0).reshape(self.kv, -1).sum(1)))
 
     # ---- forward statistics: activation, frequency, reap -------------------------------
     def _acc(self, kind: str, i: int, total: torch.Tensor, count: torch.Tensor) -> None:
+        if not self.counting:  # zeros, so that every process holds the same sums to reduce
+            total, count = torch.zeros_like(total), torch.zeros_like(count)
         store = self.stat_sum[kind]
         store[i] = store.get(i, 0) + total.double().cpu()
         self.stat_count[(kind, i)] = self.stat_count.get((kind, i), 0) + count.double().cpu()
@@ -192,6 +202,11 @@ class Scorer:
         return hook
 
     # ---- scores, once the data passes are over --------------------------------------------
+    def reduce(self) -> None:
+        """Add up the partial sums of every process (nothing to do in one process)."""
+        sums = [store[i] for kind in KINDS for store in (self.signed[kind], self.stat_sum[kind]) for i in sorted(store)]
+        reduce_sums(sums + [self.stat_count[key] for key in sorted(self.stat_count)])
+
     def taylor_scores(self, kind: str, absolute: bool = True) -> dict[int, torch.Tensor]:
         return {i: t.abs() if absolute else t.clone() for i, t in self.signed[kind].items()}
 
@@ -203,21 +218,41 @@ class Scorer:
         out: dict[str, dict[int, torch.Tensor]] = {kind: {} for kind in kinds}
         with torch.no_grad():
             for b in self.blocks:
-                gu, dn = b.experts.gate_up_proj.detach().abs(), b.experts.down_proj.detach().abs()
-                I = gu.shape[1] // 2
                 if "neurons" in kinds:
-                    out["neurons"][b.layer_idx] = (gu[:, :I].sum(-1) + gu[:, I:].sum(-1) + dn.sum(1)).double().cpu()
+                    out["neurons"][b.layer_idx] = self._neuron_magnitude(b)
                 if "shared" in kinds and b.shared:
-                    out["shared"][b.layer_idx] = torch.cat(
-                        [(m.gate_proj.weight.abs().sum(1) + m.up_proj.weight.abs().sum(1) + m.down_proj.weight.abs().sum(0)) for m in b.shared]
-                    ).double().cpu()
+                    out["shared"][b.layer_idx] = torch.cat([self._shared_magnitude(m) for m in b.shared]).double().cpu()
             if "kv_groups" in kinds:
                 for i, layer in enumerate(self.layers):
-                    attn, kv = self.adapter.attention(layer), self.kv
-                    s = sum(p.abs().reshape(kv, -1).sum(1) for proj in (attn.q_proj, attn.k_proj, attn.v_proj) for p in proj.parameters())
-                    s = s + attn.o_proj.weight.abs().sum(0).reshape(kv, -1).sum(1)
-                    out["kv_groups"][i] = s.double().cpu()
+                    out["kv_groups"][i] = self._kv_magnitude(self.adapter.attention(layer))
+        reduce_sums([t for kind in KINDS if kind in out for t in out[kind].values()])
         return out
+
+    def _neuron_magnitude(self, b: MoEBlock) -> torch.Tensor:
+        E, I = b.experts.gate_up_proj.shape[0], b.experts.gate_up_proj.shape[1] // 2
+        gu, start = owned_rows(b.experts.gate_up_proj.detach())
+        gu, dn = gu.abs(), owned_rows(b.experts.down_proj.detach())[0].abs()
+        out = _zeros(E, I)
+        out[start : start + gu.shape[0]] = (gu[:, :I].sum(-1) + gu[:, I:].sum(-1) + dn.sum(1)).double().cpu()
+        return out
+
+    @staticmethod
+    def _shared_magnitude(m: nn.Module) -> torch.Tensor:
+        """One shared expert's neurons (float32, as the weights): gate and up rows held here,
+        plus down's columns summed over the rows held here."""
+        (gate, start), (up, _) = owned_rows(m.gate_proj.weight.detach()), owned_rows(m.up_proj.weight.detach())
+        out = owned_rows(m.down_proj.weight.detach())[0].abs().sum(0)
+        out[start : start + gate.shape[0]] += gate.abs().sum(1) + up.abs().sum(1)
+        return out
+
+    def _kv_magnitude(self, attn: nn.Module) -> torch.Tensor:
+        kv, s = self.kv, 0
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+            for p in proj.parameters():
+                local, start = owned_rows(p.detach())
+                s = s + group_sums(local.abs(), start, p.shape[0], kv)
+        s = s + owned_rows(attn.o_proj.weight.detach())[0].abs().sum(0).reshape(kv, -1).sum(1)
+        return s.double().cpu()
 
     def random_scores(self, kind: str, generator: torch.Generator) -> dict[int, torch.Tensor]:
         return {i: torch.rand(shape, generator=generator, dtype=torch.float64) for i, shape in self._shapes(kind).items()}
