@@ -37,12 +37,13 @@ from slimmoe.arch import get_adapter
 from slimmoe.config import ImportanceConfig
 from slimmoe.errors import UserError
 from slimmoe.io.atomic import atomic_torch_save
+from slimmoe.parallel import Topology, device_mesh, shard_decoder_layers
 from slimmoe.prune.passes import KINDS, ScoringPasses, Wanted, plan_passes, wanted_for
 from slimmoe.prune.scorer import Scorer
 from slimmoe.prune.shards import rank_batches, summed_gradients
 from slimmoe.resources import oom_hint
 
-__all__ = ["ImportanceScores", "Wanted", "calibration_loss", "estimate_importance", "wanted_for"]
+__all__ = ["ImportanceScores", "Wanted", "calibration_loss", "estimate_importance", "score_sharded", "wanted_for"]
 
 
 @dataclass
@@ -168,3 +169,16 @@ def _finish(scorer: Scorer, passes: ScoringPasses, cfg: ImportanceConfig, absolu
         elif kind in passes.random:
             setattr(out, kind, scorer.random_scores(kind, gen))
     return out
+
+
+def score_sharded(model, teacher, blocks: torch.Tensor, cfg: ImportanceConfig, want, topo: Topology,
+                  progress: bool = True):
+    """Scores of ``model`` sharded over every process with FSDP2 (and the teacher too, forward-only:
+    each layer's weights are gathered for its forward and freed after), from this process's
+    share of the calibration batches; every process gets the scores of all of them."""
+    mesh = device_mesh(topo)
+    shard_decoder_layers(model, mesh)
+    if teacher is not None:
+        shard_decoder_layers(teacher.requires_grad_(False), mesh)
+    return estimate_importance(model, blocks, cfg, teacher=teacher, want=want,
+                               progress=progress and topo.is_main)

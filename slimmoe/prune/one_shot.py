@@ -21,8 +21,8 @@ from slimmoe.errors import UserError
 from slimmoe.evaluation.params import parameter_counts
 from slimmoe.io.data import load_blocks, random_blocks
 from slimmoe.io.loading import load_config, load_model, load_tokenizer
-from slimmoe.parallel import Topology, barrier, device_mesh, init_process_group, shard_decoder_layers
-from slimmoe.prune.importance import estimate_importance, wanted_for
+from slimmoe.parallel import barrier, init_process_group
+from slimmoe.prune.importance import estimate_importance, score_sharded, wanted_for
 from slimmoe.prune.plan import PLAN_FILE, build_plan, resolve_targets
 from slimmoe.prune.slim import apply_plan, save_slimmed
 
@@ -73,7 +73,7 @@ def prune(model_path: str, out: str | Path, cfg: PruneConfig, teacher_path: str 
     if not topo.distributed:
         scores = estimate_importance(model, blocks, cfg.importance, teacher=teacher, want=want, progress=progress)
     else:
-        scores = _score_sharded(model, teacher, blocks, cfg, want, topo, progress)
+        scores = score_sharded(model, teacher, blocks, cfg.importance, want, topo, progress)
         del model, teacher
         _leave_processes(joined_here)
         if not topo.is_main:
@@ -93,18 +93,6 @@ def prune(model_path: str, out: str | Path, cfg: PruneConfig, teacher_path: str 
         "params_after": after,
         "calibration_tokens": int(blocks.numel()),
     }
-
-
-def _score_sharded(model, teacher, blocks: torch.Tensor, cfg: PruneConfig, want, topo: Topology, progress: bool):
-    """Scores of ``model`` sharded over every process with FSDP2 (and the teacher too, forward-only:
-    each layer's weights are gathered for its forward and freed after), from this process's
-    share of the calibration batches; every process gets the scores of all of them."""
-    mesh = device_mesh(topo)
-    shard_decoder_layers(model, mesh)
-    if teacher is not None:
-        shard_decoder_layers(teacher.requires_grad_(False), mesh)
-    return estimate_importance(model, blocks, cfg.importance, teacher=teacher, want=want,
-                               progress=progress and topo.is_main)
 
 
 def _leave_processes(joined_here: bool) -> None:

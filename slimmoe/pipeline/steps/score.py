@@ -11,20 +11,26 @@ from slimmoe.io.loading import load_model
 from slimmoe.parallel.topology import barrier, topology
 from slimmoe.pipeline.steps.data import load_prepared
 from slimmoe.pipeline.steps.refs import ImportanceRef, file_fingerprint
-from slimmoe.prune.importance import estimate_importance, wanted_for
+from slimmoe.prune.importance import estimate_importance, score_sharded, wanted_for
 
 
 def score(model_dir: str, teacher_dir: str | None, blocks_path: str, cfg: ImportanceConfig, targets: SlimTargets,
           out_path: str | Path, progress: bool = True) -> ImportanceRef:
-    """Importance of ``model_dir``'s structures against the teacher (itself when None)."""
+    """Importance of ``model_dir``'s structures against the teacher (itself when None). Under
+    several processes the model and teacher are sharded with FSDP2, the calibration batches
+    split over the ranks, and every rank gets the reduced scores (slimmoe.prune.one_shot)."""
+    topo = topology()
     model = load_model(model_dir)
     want = wanted_for(get_adapter(model.config), model.config, targets)
     teacher = load_model(teacher_dir, "teacher") if teacher_dir else None
     train, _ = load_prepared(blocks_path)
-    scores = estimate_importance(model, train, cfg, teacher=teacher, want=want, progress=progress)
+    if topo.distributed:
+        scores = score_sharded(model, teacher, train, cfg, want, topo, progress)
+    else:
+        scores = estimate_importance(model, train, cfg, teacher=teacher, want=want, progress=progress)
     crash_point("importance")  # tests: die with the scores computed but not saved
     out_path = Path(out_path)
-    if topology().is_main:  # every rank holds the reduced scores; rank 0 writes them
+    if topo.is_main:  # every rank holds the reduced scores; rank 0 writes them
         out_path.parent.mkdir(parents=True, exist_ok=True)
         scores.save(out_path)
     barrier()
