@@ -25,11 +25,12 @@ from slimmoe.errors import UserError
 from slimmoe.pipeline import steps as library
 from slimmoe.pipeline.schema import DataConfig, EvalConfig
 from slimmoe.pipeline.steps import DistilledModel, ImportanceRef, ModelRef, SlimmedModel, TokenBlocks
-from slimmoe.pipeline.steps.launched import run_across
+from slimmoe.pipeline.steps.launched import run_spec, write_spec
 from tasks.caching import step_policy
 from tasks.tracking import Tracker, TrackingSettings, metric_key, metric_name
 
 FAULT_ENV = "SLIMMOE_INJECT_FAULT_AT_STEP"  # tests: fail the distill task once at this step
+NODE_DEPLOYMENT = "node/default"  # flows/node.py: a step's share on another node
 
 
 def tracker(tracking: TrackingSettings) -> Tracker:
@@ -94,6 +95,31 @@ def following(path: Path, live: LiveMetrics, every_s: float = 2.0) -> Iterator[N
         stop.set()
         thread.join()
         read()
+
+
+def run_across(launch: LaunchConfig, fn, kwargs: dict, work_dir: Path, metrics_file: Path | None = None):
+    """``fn(**kwargs)`` in the processes of ``launch``; on several nodes, the other nodes' shares
+    are started as runs of :data:`NODE_DEPLOYMENT` on the work queues ``node-1`` ... (each
+    served by a worker on that node) before this node's own."""
+    spec, result = write_spec(fn, kwargs, work_dir, metrics_file)
+    if launch.nnodes > 1:
+        start_other_nodes(launch, spec, result)
+    return run_spec(launch.model_copy(update={"node_rank": 0}), spec, result)
+
+
+def start_other_nodes(launch: LaunchConfig, spec: Path, result: Path) -> list:
+    from prefect.deployments import run_deployment
+
+    from slimmoe.io.loading import load_policy
+
+    policy = load_policy()
+    runs = []
+    for r in range(1, launch.nnodes):
+        params = {"spec": str(spec), "result": str(result),
+                  "launch": launch.model_copy(update={"node_rank": r}).model_dump(mode="json"),
+                  "trust_remote_code": policy.trust_remote_code, "allow_pickle": policy.allow_pickle}
+        runs.append(run_deployment(NODE_DEPLOYMENT, parameters=params, work_queue_name=f"node-{r}", timeout=0))
+    return runs
 
 
 def artifact_key(*parts: str) -> str:

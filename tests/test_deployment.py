@@ -219,6 +219,8 @@ def test_compress_deployment_runs_on_a_worker(prefect_stack, tmp_path):
         which = [arg for name in sorted(expected) for arg in ("--name", name)]
     if which == ["--all"] and (ROOT / "flows" / "ablation.py").exists():
         expected |= {"ablation/ablation-demo"}
+    if which == ["--all"] and (ROOT / "flows" / "node.py").exists():
+        expected |= {"node/default"}
     cli(env, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", *which)
     listed = httpx.post(f"{api}/deployments/filter", json={}, timeout=10).json()
     flows = {f["id"]: f["name"] for f in httpx.post(f"{api}/flows/filter", json={}, timeout=10).json()}
@@ -268,3 +270,32 @@ def test_compress_deployment_runs_on_a_worker(prefect_stack, tmp_path):
     versions = client.search_model_versions("name='deploy-test'")
     assert sorted(v.tags["stage"] for v in versions) == ["final", "mid"]
     assert {r["model_version"] for r in summary["stages"][1:]} == {str(v.version) for v in versions}
+
+
+def test_a_step_across_two_nodes_through_the_work_pool(prefect_stack, tmp_path):
+    """launch: {nnodes: 2}: node 0 is the `slimmoe run` process; node 1 is a worker serving the
+    work queue node-1. The importance and distill tasks on node 0 start node 1's share as a run of
+    node/default, and both torchruns meet at one rendezvous (here both "nodes" are this machine,
+    on loopback, one process each)."""
+    api, env, procs = prefect_stack
+    torch.set_num_threads(1)
+    procs.start("worker-node-1", [*PREFECT, "worker", "start", "--pool", "slimmoe", "--work-queue", "node-1",
+                                  "--name", "node-1"])
+    cli(env, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name", "node/default")
+    config = tiny_pipeline(tmp_path)
+    config["stages"] = config["stages"][:1]
+    config["launch"] = {"nnodes": 2, "nproc_per_node": 1, "master_addr": "127.0.0.1", "master_port": free_port()}
+    (tmp_path / "pipe.yaml").write_text(json.dumps(config))
+    proc = subprocess.run([sys.executable, "-m", "slimmoe.cli", "run", "pipe.yaml"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:] + procs.log("worker-node-1")
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [r["stage"] for r in summary["stages"]] == ["teacher", "mid"] and summary["stages"][1]["tokens"] == 2048
+    flows = {f["id"]: f["name"] for f in httpx.post(f"{api}/flows/filter", json={}, timeout=10).json()}
+    runs = httpx.post(f"{api}/flow_runs/filter", json={}, timeout=10).json()
+    node_runs = [r for r in runs if flows[r["flow_id"]] == "node"]
+    assert len(node_runs) == 2  # importance and distill: one share on node 1 each
+    for r in node_runs:
+        done = wait_for_flow_run(api, r["id"], procs)
+        assert done["state"]["type"] == "COMPLETED" and done["work_queue_name"] == "node-1"
+        assert done["parameters"]["launch"]["node_rank"] == 1

@@ -92,7 +92,7 @@ def test_deployments_layout():
     doc = load_yaml(PREFECT_YAML)
     names = {(d["entrypoint"].split(":")[-1], d["name"]) for d in doc["deployments"]}
     assert names == {("compress", "demo"), ("compress", "phi-mini-moe"), ("compress", "phi-tiny-moe"),
-                     ("teacher", "demo"), ("ablation", "ablation-demo")}
+                     ("teacher", "demo"), ("ablation", "ablation-demo"), ("node", "default")}
     for d in doc["deployments"]:
         assert d["work_pool"]["name"] == "slimmoe"
         assert (ROOT / d["entrypoint"].split(":")[0]).parent.is_dir()

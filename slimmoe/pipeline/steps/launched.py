@@ -30,25 +30,40 @@ from slimmoe.io.atomic import atomic_write_text
 MetricsCallback = Callable[[int, dict[str, float]], None]
 
 
-def run_across(launch: LaunchConfig, fn: Callable[..., BaseModel], kwargs: dict[str, Any], work_dir: str | Path,
-               metrics_file: str | Path | None = None) -> BaseModel:
-    """``fn(**kwargs)`` in ``launch.world_size`` processes; returns rank 0's result, of the type
-    ``fn`` declares. ``metrics_file`` receives ``{"step": s, ...metrics}`` lines when ``fn``
-    takes a ``metrics_callback``."""
-    from slimmoe.parallel.launch import launch as start
-
+def write_spec(fn: Callable[..., BaseModel], kwargs: dict[str, Any], work_dir: str | Path,
+               metrics_file: str | Path | None = None) -> tuple[Path, Path]:
+    """Write what every process will call, ``fn(**kwargs)``; returns (spec file, result file).
+    ``metrics_file`` receives ``{"step": s, ...metrics}`` lines when ``fn`` takes a
+    ``metrics_callback``. The result file of an earlier attempt is removed."""
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    name = fn.__name__
-    spec, result = work / f".{name}.spec.json", work / f".{name}.result.json"
+    spec, result = work / f".{fn.__name__}.spec.json", work / f".{fn.__name__}.result.json"
     result.unlink(missing_ok=True)
     doc = {"fn": f"{fn.__module__}:{fn.__qualname__}", "kwargs": _jsonable(kwargs),
            "metrics_file": str(metrics_file) if metrics_file else None}
     atomic_write_text(spec, json.dumps(doc, indent=1))
+    return spec, result
+
+
+def run_spec(launch: LaunchConfig, spec: Path, result: Path, read_result: bool = True) -> BaseModel | None:
+    """Run a written spec in this node's processes (torchrun) and wait; then read the record
+    global rank 0 wrote (of the type the step function declares; the result file lies on the
+    filesystem the nodes share). The other nodes of a multi-node step pass ``read_result=False``."""
+    from slimmoe.parallel.launch import launch as start
+
     start(launch, "slimmoe.pipeline.steps.launched", [str(spec), str(result)])
+    if not read_result:
+        return None
+    doc = json.loads(Path(spec).read_text())
     if not result.is_file():
         raise RuntimeError(f"{doc['fn']}: every process ended without error, but rank 0 wrote no result ({result})")
-    return _return_type(fn).model_validate_json(result.read_text())
+    return _return_type(_resolve(doc["fn"])).model_validate_json(result.read_text())
+
+
+def run_across(launch: LaunchConfig, fn: Callable[..., BaseModel], kwargs: dict[str, Any], work_dir: str | Path,
+               metrics_file: str | Path | None = None) -> BaseModel:
+    """``fn(**kwargs)`` in ``launch.world_size`` processes of this node; rank 0's result."""
+    return run_spec(launch, *write_spec(fn, kwargs, work_dir, metrics_file))
 
 
 def _jsonable(kwargs: dict[str, Any]) -> dict[str, Any]:
