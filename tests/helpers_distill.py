@@ -33,6 +33,22 @@ def tiny_phimoe(seed: int, scale: float | None = None, intermediate_size: int = 
     return model
 
 
+def tiny_qwen2_moe(seed: int, scale: float | None = None, moe_intermediate_size: int = 32, dtype=torch.float32):
+    """Random qwen2_moe (hidden 32, 2 layers, 4 experts top-2, a shared expert of 32)."""
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(
+        "qwen2_moe", hidden_size=32, intermediate_size=64, moe_intermediate_size=moe_intermediate_size,
+        shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        num_experts=4, num_experts_per_tok=2, vocab_size=VOCAB, max_position_embeddings=128,
+    )
+    model = AutoModelForCausalLM.from_config(cfg)
+    if scale is not None:
+        with torch.no_grad():
+            model.get_input_embeddings().weight.normal_(0, scale)
+            model.get_output_embeddings().weight.normal_(0, scale)
+    return model.to(dtype)
+
+
 def save_pair(tmp: Path, teacher_scale: float = 0.3, student_intermediate: int = 32) -> tuple[Path, Path]:
     t_dir, s_dir = tmp / "teacher", tmp / "student"
     tiny_phimoe(0, scale=teacher_scale).save_pretrained(t_dir)
@@ -56,9 +72,10 @@ def cli_cmd(student: Path, teacher: Path, out: Path, *extra: str, nproc: int = 1
     return [*head, str(student), str(teacher), str(out), "--no-progress", *extra]
 
 
-def run_cli(tmp: Path, *args, nproc: int = 1, timeout: int = 240, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cli_cmd(*args, nproc=nproc, **kw), env=env(tmp), capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+def run_cli(tmp: Path, *args, nproc: int = 1, timeout: int = 240, extra_env: dict[str, str] | None = None,
+            **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cli_cmd(*args, nproc=nproc, **kw), env={**env(tmp), **(extra_env or {})},
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
 def read_losses(out: Path) -> list[dict]:

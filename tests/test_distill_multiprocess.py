@@ -1,4 +1,5 @@
-"""torchrun --nproc_per_node 2 (gloo, CPU) on the same global batch == 1-process run."""
+"""torchrun --nproc_per_node 2 (gloo, CPU), sharding ddp, on the same global batch == 1-process run
+(FSDP, the default with more than one process: tests/test_distill_fsdp.py)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def test_two_processes_match_one_process(tmp_path):
             "--lr", "3e-3"]
     one = run_cli(tmp_path, s, t, tmp_path / "one", *args)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = run_cli(tmp_path, s, t, tmp_path / "two", *args, nproc=2)
+    two = run_cli(tmp_path, s, t, tmp_path / "two", *args, "--sharding", "ddp", nproc=2)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stderr.count("slimmoe distill: wrote") == 1  # only rank 0 reports
     a, b = read_losses(tmp_path / "one"), read_losses(tmp_path / "two")

@@ -77,7 +77,7 @@ def test_corrupt_newest_checkpoint_is_skipped_with_warning(tmp_path):
     distill(tiny_phimoe(1), teacher, out, train, **kw)
     (out / DONE_FILE).unlink()  # pretend it crashed after step 4's checkpoint
     newest = out / "checkpoints" / "step-00000004"
-    model_file = newest / "model.pt"
+    model_file = newest / "dcp" / "__0_0.distcp"  # model and optimizer state (DCP)
     model_file.write_bytes(model_file.read_bytes()[: model_file.stat().st_size // 2])  # half-written
     (out / "checkpoints" / ".tmp-step-00000006-123").mkdir()  # an interrupted write
     with pytest.warns(UserWarning, match="skipping unreadable checkpoint .*step-00000004"):

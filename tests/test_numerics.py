@@ -16,6 +16,7 @@ from helpers_distill import (
 )
 
 from slimmoe.cli import main
+from slimmoe.distill.checkpoint import read_train_state
 from slimmoe.distill.loop import DONE_FILE, distill
 from slimmoe.errors import UserError
 from slimmoe.faults import NAN_ENV
@@ -26,8 +27,7 @@ KW = dict(tokens=6 * 4 * SEQ, batch_size=4, checkpoint_every=2, keep_checkpoints
 
 
 def _ck(out, step: int) -> dict:
-    d = out / "checkpoints" / f"step-{step:08d}"
-    return {n: torch.load(d / f"{n}.pt", weights_only=False) for n in ("model", "optimizer")}
+    return read_train_state(out / "checkpoints" / f"step-{step:08d}")  # {"model", "optimizer"} (DCP)
 
 
 def _assert_same(a, b, same=True) -> None:

@@ -1,14 +1,23 @@
 """Training checkpoints for exact resume of distillation.
 
-A checkpoint is a folder ``step-00000012`` holding ``model.pt``, ``optimizer.pt``,
-``scheduler.pt``, ``rng.pt`` and, written last, ``state.json`` with the training
-position and a manifest (size + sha256) of the other files. It is written under a
-temporary name and renamed into place, so a folder with the final name is complete
-unless the disk itself lies; the manifest catches that case too. Loading walks from the
-newest folder to the oldest and skips (with a warning) any that fails to verify or load.
+A checkpoint is a folder ``step-00000012``. Written under a temporary name
+(``.tmp-step-00000012-<pid of rank 0>``) and renamed into place by rank 0 once every rank
+has written its part, so a folder with the final name is complete unless the disk itself
+lies; ``state.json``, written last, holds the training position and a manifest (size +
+sha256) of every other file, which catches that case too. Loading walks from the newest
+folder to the oldest and skips (with a warning) any that fails to verify or load.
 
-``Checkpointer`` is the loop's side of it (when to save, refusing non-finite state,
-resume); ``Student`` gathers and loads the full state dicts it saves.
+What a distillation run puts in it (:class:`Checkpointer`), under every sharding::
+
+    dcp/                 model and optimizer state, torch.distributed.checkpoint (DCP):
+                         .metadata and one __<rank>_0.distcp per rank that holds shards
+    scheduler.pt         the learning-rate schedule (rank 0)
+    rng-<rank>.pt        every RNG of that rank (python, numpy, torch CPU, CUDA)
+    state.json           step, loop bookkeeping, config, world size, sharding, manifest
+
+DCP reshards on load, so a checkpoint written by N processes resumes in M (then not
+bit-identical, float sums regroup). :func:`save_checkpoint` / :func:`load_latest_checkpoint`
+are the same folder protocol for a single writer with torch.save payloads.
 """
 
 from __future__ import annotations
@@ -20,22 +29,24 @@ import random
 import shutil
 import sys
 import warnings
-from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 
 from slimmoe.config import DistillConfig
 from slimmoe.distill.messages import nonfinite_error, warn_caller
 from slimmoe.distill.state import LoopState
+from slimmoe.distill.student import Student, local
 from slimmoe.faults import crash_point
 from slimmoe.io.atomic import atomic_write_text, fsync_dir
-from slimmoe.resources import check_disk, tensor_bytes
+from slimmoe.resources import ResourceError, check_disk, tensor_bytes
 
 STATE_FILE = "state.json"
-_PAYLOAD_FILES = ("model", "optimizer", "scheduler", "rng")
+DCP_DIR = "dcp"
 
 
 def _sha256(path: Path) -> str:
@@ -44,6 +55,19 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _entry(folder: Path, rel: str) -> dict[str, dict]:
+    path = folder / rel
+    return {rel: {"size": path.stat().st_size, "sha256": _sha256(path)}}
+
+
+@contextmanager
+def _one_process_is_fine() -> Iterator[None]:
+    """Silence DCP's warning that it runs without a process group (one process, on purpose)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or uninitialized")
+        yield
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -74,32 +98,32 @@ def checkpoint_dirs(root: Path) -> list[Path]:
     return sorted(dirs, key=lambda p: int(p.name[5:]))
 
 
-def save_checkpoint(root: Path, step: int, payload: dict[str, Any], state: dict[str, Any], keep: int) -> Path:
-    """Write ``payload`` (model/optimizer/scheduler/rng objects) and ``state`` atomically.
+def _torch_save(obj: Any, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
 
-    Keeps the newest ``keep`` checkpoints. Call from one process only.
-    """
-    root = Path(root)
+
+def new_tmp(root: Path, step: int, pid: int | None = None) -> Path:
+    """An empty temporary folder for the checkpoint of ``step`` (named after the writer's pid)."""
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    tmp = root / f".tmp-step-{step:08d}-{pid or os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    manifest = {}
-    for name in _PAYLOAD_FILES:
-        path = tmp / f"{name}.pt"
-        with open(path, "wb") as f:
-            torch.save(payload[name], f)
-            f.flush()
-            os.fsync(f.fileno())
-        manifest[path.name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
-        crash_point("checkpoint:write")  # tests: die with the checkpoint half written
+    return tmp
+
+
+def publish(root: Path, tmp: Path, step: int, state: dict[str, Any], manifest: dict, keep: int) -> Path:
+    """Write ``state.json`` (the manifest inside) last, rename ``tmp`` into place, keep the
+    newest ``keep`` checkpoints and drop temporaries of killed writers. One process."""
     doc = dict(state, step=step, manifest=manifest)
     with open(tmp / STATE_FILE, "w") as f:
         json.dump(doc, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
+    final = root / f"step-{step:08d}"
     if final.exists():  # a stale folder of the same step from an earlier attempt
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -112,24 +136,38 @@ def save_checkpoint(root: Path, step: int, payload: dict[str, Any], state: dict[
     return final
 
 
-def _load_one(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def save_checkpoint(root: Path, step: int, payload: dict[str, Any], state: dict[str, Any], keep: int) -> Path:
+    """Write ``payload`` (name -> object, one ``<name>.pt`` each) and ``state`` atomically,
+    from one process; keeps the newest ``keep`` checkpoints."""
+    root = Path(root)
+    tmp = new_tmp(root, step)
+    manifest: dict[str, dict] = {}
+    for name, obj in payload.items():
+        _torch_save(obj, tmp / f"{name}.pt")
+        manifest.update(_entry(tmp, f"{name}.pt"))
+        crash_point("checkpoint:write")  # tests: die with the checkpoint half written
+    return publish(root, tmp, step, state, manifest, keep)
+
+
+def verify(path: Path, rank: int = 0, world: int = 1) -> dict[str, Any]:
+    """The folder's state.json, after checking the manifest: every file's size, and the
+    sha256 of this rank's share of the files (all of them with one process). Raises if not."""
     state = json.loads((path / STATE_FILE).read_text())
-    for fname, meta in state["manifest"].items():
-        f = path / fname
-        if f.stat().st_size != meta["size"] or _sha256(f) != meta["sha256"]:
+    for i, (rel, meta) in enumerate(sorted(state["manifest"].items())):
+        f = path / rel
+        if f.stat().st_size != meta["size"] or (i % world == rank and _sha256(f) != meta["sha256"]):
             raise ValueError(f"{f}: size or checksum does not match the manifest")
-    payload = {name: torch.load(path / f"{name}.pt", map_location="cpu", weights_only=False) for name in _PAYLOAD_FILES}
-    return state, payload
+    return state
 
 
 def load_latest_checkpoint(root: Path) -> tuple[Path, dict[str, Any], dict[str, Any]] | None:
-    """(folder, state, payload) of the newest checkpoint that verifies, or None.
-
-    Broken checkpoints are skipped with a ``UserWarning`` naming them.
-    """
+    """(folder, state, payload) of the newest checkpoint that verifies, or None; the payload
+    holds every top-level ``<name>.pt`` by name. Broken ones are skipped with a ``UserWarning``."""
     for path in reversed(checkpoint_dirs(Path(root))):
         try:
-            state, payload = _load_one(path)
+            state = verify(path)
+            payload = {rel[:-3]: torch.load(path / rel, map_location="cpu", weights_only=False)
+                       for rel in state["manifest"] if rel.endswith(".pt") and "/" not in rel}
         except Exception as e:  # noqa: BLE001 - any failure means "not usable"
             warnings.warn(f"skipping unreadable checkpoint {path}: {type(e).__name__}: {e}", stacklevel=2)
             continue
@@ -137,53 +175,23 @@ def load_latest_checkpoint(root: Path) -> tuple[Path, dict[str, Any], dict[str, 
     return None
 
 
-@dataclass
-class Student:
-    """The student in training: ``model`` as accelerate prepared it (DDP/FSDP wrapper) and
-    ``unwrapped``, the PreTrainedModel inside. Under FSDP gathering or loading full state
-    dicts is collective: every rank calls."""
+def read_train_state(path: Path) -> dict[str, Any]:
+    """The full ``{"model", "optimizer"}`` state of a distillation checkpoint folder, in one
+    process, whatever world size wrote it (for inspection and tests)."""
+    import tempfile
 
-    model: torch.nn.Module
-    unwrapped: Any
-    acc: Any
-    fsdp: bool
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    def full_state(self) -> dict | None:
-        """The full student state dict on rank 0 (None elsewhere)."""
-        if self.fsdp:
-            return self.acc.get_state_dict(self.model)
-        return self.unwrapped.state_dict() if self.acc.is_main_process else None
-
-    def full_train_state(self, opt) -> tuple[dict | None, dict | None]:
-        """Full model and optimizer state dicts on rank 0 (None elsewhere)."""
-        if self.fsdp:  # untested here (needs GPUs): full, CPU-offloaded states via DCP helpers
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            return get_state_dict(self.model, opt.optimizer, options=opts)
-        if not self.acc.is_main_process:
-            return None, None
-        return self.unwrapped.state_dict(), opt.state_dict()
-
-    def load(self, payload: dict, opt=None) -> None:
-        """Load ``payload["model"]`` (and ``payload["optimizer"]`` into ``opt`` when given)."""
-        if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-            opts = StateDictOptions(full_state_dict=True)
-            optimizers = [] if opt is None else [opt.optimizer]
-            set_state_dict(self.model, optimizers, model_state_dict=payload["model"],
-                           optim_state_dict=payload.get("optimizer", {}) if opt is not None else {}, options=opts)
-            return
-        self.unwrapped.load_state_dict(payload["model"])
-        if opt is not None:
-            opt.load_state_dict(payload["optimizer"])
+    with tempfile.TemporaryDirectory() as d:
+        dcp_to_torch_save(Path(path) / DCP_DIR, Path(d) / "full.pt")
+        return torch.load(Path(d) / "full.pt", map_location="cpu", weights_only=False)
 
 
 def all_finite(obj: Any) -> bool:
-    """No NaN/inf in any floating tensor of a (nested) state dict."""
+    """No NaN/inf in any floating tensor of a (nested) state dict; this rank's shards of DTensors."""
     if isinstance(obj, torch.Tensor):
-        return not obj.is_floating_point() or bool(torch.isfinite(obj).all())
+        t = local(obj)
+        return not t.is_floating_point() or bool(torch.isfinite(t).all())
     if isinstance(obj, dict):
         return all(all_finite(v) for v in obj.values())
     if isinstance(obj, (list, tuple)):
@@ -211,51 +219,100 @@ def truncate_jsonl(path: Path, keep_upto: int) -> None:
 class Checkpointer:
     """The checkpoints of one run: when to save (every ``checkpoint_every`` steps, not at the
     end, where the final model is written instead), never saving non-finite state, and
-    resuming from the newest good checkpoint into model, optimizer, scheduler, RNG and loop state."""
+    resuming from the newest good checkpoint into model, optimizer, scheduler, RNG and loop
+    state. Saving and resuming are collective: every rank calls them."""
 
     def __init__(self, root: Path, cfg: DistillConfig, student: Student, opt, sched, state: LoopState,
                  total_steps: int):
         self.root, self.cfg, self.student, self.opt, self.sched = Path(root), cfg, student, opt, sched
-        self.state, self.total_steps = state, total_steps
+        self.state, self.total_steps, self.rt = state, total_steps, student.rt
         self.last: Path | None = None  # the newest checkpoint written or resumed from
-
-    def resume(self) -> int | None:
-        """Load the newest checkpoint that verifies; its step, or None when there is none."""
-        found = load_latest_checkpoint(self.root)
-        if found is None:
-            return None
-        path, saved, payload = found
-        self.last = path
-        self.student.load(payload, self.opt)
-        self.sched.load_state_dict(payload["scheduler"])
-        restore_rng_state(payload["rng"])
-        self.state.load_state_dict(saved)
-        now = self.cfg.model_dump(mode="json")
-        changed = sorted(k for k, v in saved.get("config", {}).items() if k != "progress" and now.get(k) != v)
-        if changed:
-            warn_caller(f"resuming {path} with settings changed since it was written: {', '.join(changed)}")
-        if self.student.acc.is_main_process:
-            print(f"slimmoe distill: resuming from checkpoint {path} (step {saved['step']}/{self.total_steps})",
-                  file=sys.stderr, flush=True)
-        return saved["step"]
 
     def should_save(self, step: int) -> bool:
         every = self.cfg.checkpoint_every
         return bool(every) and step % every == 0 and step < self.total_steps
 
     def save(self, step: int) -> None:
-        """Checkpoint ``step``: gathered on all ranks, written by rank 0, then a barrier."""
-        acc = self.student.acc
-        model_sd, opt_sd = self.student.full_train_state(self.opt)
-        finite = all_finite(self.student.unwrapped.state_dict() if model_sd is None else model_sd) and all_finite(
-            self.opt.state_dict() if opt_sd is None else opt_sd)
-        if not finite:  # every rank decides alike (DDP replicas hold the same state)
+        """Checkpoint ``step``: every rank writes its DCP shards and RNG into rank 0's temporary
+        folder; rank 0 writes the schedule, then, after every rank's manifest entries are in,
+        state.json, and renames the folder into place."""
+        rt = self.rt
+        train_state = self.student.train_state(self.opt)
+        if not rt.all_true(all_finite(train_state)):
             raise nonfinite_error("parameters or optimizer state hold NaN/inf (checkpoint not written)",
                                   step, self.last, self.cfg, self.state.nonfinite_skips)
-        if acc.is_main_process:
-            payload = {"model": model_sd, "optimizer": opt_sd, "scheduler": self.sched.state_dict(),
-                       "rng": capture_rng_state()}
-            check_disk(self.root, tensor_bytes(payload))
-            loop_state = dict(self.state.state_dict(), config=self.cfg.model_dump(mode="json"))
-            self.last = save_checkpoint(self.root, step, payload, loop_state, self.cfg.keep_checkpoints)
-        acc.wait_for_everyone()
+        low_disk = None
+        if rt.is_main:  # DTensors count with their global size: the bytes of the whole checkpoint
+            try:
+                check_disk(self.root, tensor_bytes(train_state))
+            except ResourceError as e:
+                low_disk = str(e)
+        low_disk = rt.broadcast(low_disk)
+        if low_disk:
+            raise ResourceError(low_disk)
+        tmp = rt.broadcast(new_tmp(self.root, step) if rt.is_main else None)  # exists once broadcast
+        with _one_process_is_fine():
+            dcp.save(train_state, checkpoint_id=tmp / DCP_DIR, no_dist=rt.world == 1)  # collective; files fsynced
+        mine = [f"rng-{rt.rank:05d}.pt"]
+        _torch_save(capture_rng_state(), tmp / mine[0])
+        if rt.is_main:
+            _torch_save(self.sched.state_dict(), tmp / "scheduler.pt")
+            mine += ["scheduler.pt", f"{DCP_DIR}/.metadata"]
+        crash_point("checkpoint:write", step=step, rank=rt.rank)  # tests: die with the checkpoint half written
+        mine += [f"{DCP_DIR}/{p.name}" for p in (tmp / DCP_DIR).glob(f"__{rt.rank}_*.distcp")]
+        manifest: dict[str, dict] = {}
+        for part in rt.gather({rel: _entry(tmp, rel)[rel] for rel in mine}):  # each rank hashes its own files
+            manifest.update(part)
+        if rt.is_main:
+            loop_state = dict(self.state.state_dict(), config=self.cfg.model_dump(mode="json"), world=rt.world,
+                              sharding=rt.sharding)
+            self.last = publish(self.root, tmp, step, loop_state, manifest, self.cfg.keep_checkpoints)
+        self.last = rt.broadcast(self.last)  # and no rank goes on before the folder is in place
+
+    def resume(self) -> int | None:
+        """Load the newest checkpoint that verifies on every rank; its step, or None."""
+        rt = self.rt
+        for path in reversed(checkpoint_dirs(self.root)):
+            why = None
+            try:
+                saved = verify(path, rt.rank, rt.world)
+            except Exception as e:  # noqa: BLE001 - any failure means "not usable"
+                why = f"{type(e).__name__}: {e}"
+            if rt.all_true(why is None):
+                try:  # DCP reads collectively and raises on every rank if one fails
+                    self._load(path, saved)
+                except Exception as e:  # noqa: BLE001
+                    why = f"{type(e).__name__}: {e}"
+                if rt.all_true(why is None):
+                    self._resumed(path, saved)
+                    return saved["step"]
+            if rt.is_main:
+                warn_caller(f"skipping unreadable checkpoint {path}: {why or 'it failed on another rank'}")
+        return None
+
+    def _load(self, path: Path, saved: dict[str, Any]) -> None:
+        # DCP plans every read (keys, shapes) before it copies data into the live tensors, so
+        # a checkpoint of another model fails before touching them.
+        train_state = self.student.train_state(self.opt)
+        with _one_process_is_fine():
+            dcp.load(train_state, checkpoint_id=path / DCP_DIR, no_dist=self.rt.world == 1)
+        self.student.load_train_state(self.opt, train_state)
+        self.sched.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
+        own = path / f"rng-{self.rt.rank:05d}.pt"
+        rng = own if own.is_file() else path / "rng-00000.pt"  # a rank the writer did not have
+        restore_rng_state(torch.load(rng, weights_only=False))
+        self.state.load_state_dict(saved)
+
+    def _resumed(self, path: Path, saved: dict[str, Any]) -> None:
+        self.last = path
+        if not self.rt.is_main:
+            return
+        now = self.cfg.model_dump(mode="json")
+        changed = sorted(k for k, v in saved.get("config", {}).items() if k != "progress" and now.get(k) != v)
+        if changed:
+            warn_caller(f"resuming {path} with settings changed since it was written: {', '.join(changed)}")
+        if saved.get("world", 1) != self.rt.world:
+            warn_caller(f"resuming {path} in {self.rt.world} processes; it was written by {saved['world']}: the "
+                        "state is resharded and the run continues, but not bit-identically to an uninterrupted one")
+        print(f"slimmoe distill: resuming from checkpoint {path} (step {saved['step']}/{self.total_steps})",
+              file=sys.stderr, flush=True)

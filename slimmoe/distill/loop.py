@@ -10,14 +10,16 @@ N-process runs agree: the samples of optimizer step ``s`` are a function of
 (seed, s) only, and before each micro-batch the global RNG is reseeded from
 (seed, s, global micro-batch index), so phimoe's Gumbel router noise and any dropout
 do not depend on how many steps ran in this process or on the process count.
+How the processes share the student (one process, DDP or FSDP2) is the ``Runtime``
+(``slimmoe.distill.runtime``); checkpoints are DCP folders under every sharding.
 See docs/distill.md.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -29,24 +31,28 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from slimmoe.config import DistillConfig
-from slimmoe.distill.checkpoint import Checkpointer, Student, all_finite, truncate_jsonl
+from slimmoe.distill.checkpoint import Checkpointer, all_finite, truncate_jsonl
 from slimmoe.distill.determinism import micro_seed, step_sample_ids
 from slimmoe.distill.messages import nonfinite_error
+from slimmoe.distill.runtime import make_runtime
 from slimmoe.distill.setup import (
+    CACHEABLE,
     BatchGeometry,
-    load_models,
-    make_accelerator,
+    build_cache,
+    find_cache,
+    load_student,
+    load_teacher,
     make_optimizer,
     make_scheduler,
-    open_teacher,
-    uses_fsdp,
+    teacher_needed_live,
 )
 from slimmoe.distill.state import CHECKPOINTS_DIR, DONE_FILE, LOSSES_FILE, DistillResult, LoopState
-from slimmoe.distill.step import micro_loss
+from slimmoe.distill.step import Teacher, micro_loss
+from slimmoe.distill.student import Student, save_final
 from slimmoe.distill.validator import Validator
 from slimmoe.faults import crash_point, poison_loss
-from slimmoe.io.atomic import atomic_write_text, save_pretrained_atomic
-from slimmoe.resources import check_disk, oom_hint, state_dict_bytes, tensor_bytes
+from slimmoe.io.atomic import atomic_write_text
+from slimmoe.resources import check_disk, oom_hint, tensor_bytes
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
 
@@ -92,40 +98,55 @@ class Trainer:
     def __init__(self, student, teacher, out: Path, train_blocks: torch.Tensor, eval_blocks: torch.Tensor | None,
                  cfg: DistillConfig, metrics_callback: MetricsCallback | None):
         self.cfg, self.out, self.train_blocks, self.metrics_callback = cfg, out, train_blocks, metrics_callback
-        self.acc = acc = make_accelerator(cfg)
-        s_model, t_model = load_models(student, teacher, train_blocks, cfg, acc.device)
-        fsdp = uses_fsdp(cfg, acc)
-        self.geo = geo = BatchGeometry.plan(cfg, acc, train_blocks)
-        opt = make_optimizer(s_model, cfg)
+        self.rt = rt = make_runtime(cfg)  # joins the process group
+        s_model, self.save_dtype = load_student(student, teacher, train_blocks, cfg, rt.device)
+        self.geo = geo = BatchGeometry.plan(cfg, rt, train_blocks)
+        model = rt.shard(s_model)  # FSDP: before the optimizer, which then holds the shards
+        self.opt = opt = make_optimizer(model, cfg)
         self.sched = make_scheduler(opt, cfg, geo.total_steps)
         s_model.train()
-        model, self.opt = acc.prepare(s_model, opt)
-        self.student = Student(model, acc.unwrap_model(model), acc, fsdp)
+        model, self.train_opt = rt.prepare(model, opt)
+        self.student = Student(model, rt.unwrap(model), rt)
 
         self.state = LoopState()
-        self.checkpointer = Checkpointer(out / CHECKPOINTS_DIR, cfg, self.student, self.opt, self.sched, self.state,
+        self.checkpointer = Checkpointer(out / CHECKPOINTS_DIR, cfg, self.student, opt, self.sched, self.state,
                                          geo.total_steps)
         self.resumed_from = self.checkpointer.resume()
         self.step = 0 if self.resumed_from is None else self.resumed_from
-        if acc.is_main_process:
+        if rt.is_main:
             out.mkdir(parents=True, exist_ok=True)
             truncate_jsonl(out / LOSSES_FILE, self.step)  # records written after the checkpoint, before a crash
-        acc.wait_for_everyone()
+        rt.barrier()
 
-        self.teacher = open_teacher(t_model, cfg, train_blocks, geo.micro, acc)
+        t_model = self.open_teacher(teacher, eval_blocks)
         self.oom_settings = {"micro_batch_size": geo.micro, "chunk_size": cfg.chunk_size,
                              "eval_batch_size": cfg.eval_batch_size}
         self.validator = Validator(cfg, self.student, t_model, eval_blocks, out, geo.total_steps, self.state,
                                    self.log, self.oom_settings)
 
+    def open_teacher(self, teacher, eval_blocks) -> torch.nn.Module | None:
+        """The teacher of training steps (``self.teacher``): the live model, its top-k cache, or
+        both; the live model (returned) is not loaded when a complete cache holds every training
+        block and no held-out evaluation needs it."""
+        cfg, rt = self.cfg, self.rt
+        cache = find_cache(cfg, teacher, self.train_blocks)
+        t_model = load_teacher(teacher, cfg, rt) if teacher_needed_live(cfg, teacher, eval_blocks, cache) else None
+        if cache is None and t_model is not None and cfg.teacher_cache_dir is not None and cfg.loss in CACHEABLE:
+            cache = build_cache(cfg, teacher, t_model, self.train_blocks, self.geo.micro, rt)
+        if cache is not None and t_model is None and rt.is_main:
+            print(f"slimmoe distill: teacher not loaded (its top-k cache {cache.path} holds every training block)",
+                  file=sys.stderr, flush=True)
+        self.teacher = Teacher(t_model, cache)
+        return t_model
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        if self.metrics_callback is not None and self.acc.is_main_process:
+        if self.metrics_callback is not None and self.rt.is_main:
             self.metrics_callback(step, metrics)
 
     def train(self) -> None:
         """Optimizer steps until the token budget is spent or early stopping ends the run."""
         self.validator.evaluate_initial(self.step)
-        show = self.acc.is_main_process and self.cfg.progress
+        show = self.rt.is_main and self.cfg.progress
         with tqdm(total=self.geo.total_steps, initial=self.step, disable=not show, desc="distill", unit="step") as bar:
             t0, tokens_run = time.perf_counter(), 0
             while self.step < self.geo.total_steps and not self.state.stopped_early:
@@ -137,37 +158,38 @@ class Trainer:
                     self.validator.evaluate(self.step)
                 if self.checkpointer.should_save(self.step):
                     self.checkpointer.save(self.step)
-                crash_point("distill", step=self.step)  # tests: die after this step (and its checkpoint)
+                crash_point("distill", step=self.step)  # tests: die after this step (and its checkpoint) ...
+                crash_point("distill", step=self.step, rank=self.rt.rank)  # ... or only this rank
 
     def train_step(self) -> StepOutcome:
         """The optimizer step after ``self.step``: micro-batches with gradient accumulation,
         clipping, then the update, or the non-finite policy when loss or gradient norm is NaN/inf."""
-        cfg, geo, acc, model = self.cfg, self.geo, self.acc, self.student.model
+        cfg, geo, rt, model = self.cfg, self.geo, self.rt, self.student.model
         ids_all = step_sample_ids(self.step, cfg.batch_size, geo.n_blocks, cfg.seed)
-        step_loss = torch.zeros((), device=acc.device)
+        step_loss = torch.zeros((), device=rt.device)
         for j in range(geo.accum):
             g = j * geo.world + geo.rank  # global micro-batch index
             rows = ids_all[g * geo.micro : (g + 1) * geo.micro]
-            ids = self.train_blocks[rows].to(acc.device)
+            ids = self.train_blocks[rows].to(rt.device)
             torch.manual_seed(micro_seed(cfg.seed, self.step, g))
-            sync = acc.no_sync(model) if j < geo.accum - 1 else contextlib.nullcontext()  # all-reduce on the last
+            sync = rt.sync_gradients(model, j == geo.accum - 1)  # reduce across processes on the last
             with sync, oom_hint("distill", self.oom_settings):
-                loss = poison_loss(micro_loss(model, self.teacher, ids, rows, cfg, acc), self.step + 1)
-                acc.backward(loss / geo.accum)
+                loss = poison_loss(micro_loss(model, self.teacher, ids, rows, cfg, rt), self.step + 1)
+                rt.backward(loss / geo.accum)  # DDP and FSDP average over processes: the global mean
             step_loss += loss.detach() / geo.accum
         grad_norm = None
         if cfg.max_grad_norm is not None:
-            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        mean_loss = (acc.reduce(step_loss, reduction="mean") if geo.world > 1 else step_loss).item()
+            grad_norm = rt.clip_grad_norm(model, cfg.max_grad_norm)
+        mean_loss = rt.reduce(step_loss, "mean").item()
         bad = None
         if not math.isfinite(mean_loss):
             bad = "non-finite loss"
         elif grad_norm is not None and not math.isfinite(float(grad_norm)):
             bad = "non-finite gradient norm"
         if bad is None:
-            self.opt.step()
+            self.train_opt.step()
             self.sched.step()
-            self.opt.zero_grad(set_to_none=True)
+            self.train_opt.zero_grad(set_to_none=True)
         else:
             self.drop_update(bad)
         return StepOutcome(mean_loss, grad_norm, bad)
@@ -175,7 +197,7 @@ class Trainer:
     def drop_update(self, why: str) -> None:
         """The non-finite policy, the only place it raises: parameters and optimizer state stay
         finite; stop (``nonfinite: stop``, or too many skips) or skip the step."""
-        self.opt.zero_grad(set_to_none=True)
+        self.train_opt.zero_grad(set_to_none=True)
         if self.cfg.nonfinite == "stop" or self.state.nonfinite_skips >= self.cfg.max_nonfinite_skips:
             raise nonfinite_error(why, self.step + 1, self.checkpointer.last, self.cfg, self.state.nonfinite_skips)
         self.state.nonfinite_skips += 1
@@ -193,7 +215,7 @@ class Trainer:
         if not ok:
             record["skipped"] = outcome.skipped
             self.log(step, {"nonfinite_skips": self.state.nonfinite_skips})
-        if self.acc.is_main_process:
+        if self.rt.is_main:
             with open(self.out / LOSSES_FILE, "a") as f:
                 f.write(json.dumps(record) + "\n")
             bar.update(1)
@@ -202,24 +224,26 @@ class Trainer:
             self.log(step, {"loss": outcome.loss, "lr": record["lr"], "tokens_per_second": tok_s})
 
     def finish(self) -> DistillResult:
-        """Write the final student (the best held-out one with ``keep_best``), then distill_done.json."""
-        acc, cfg, student, st = self.acc, self.cfg, self.student, self.state
-        acc.wait_for_everyone()
+        """Write the final student (the best held-out one with ``keep_best``), gathered on rank 0
+        and saved in ``save_dtype`` as a stock Hugging Face checkpoint, then distill_done.json."""
+        rt, cfg, student, st = self.rt, self.cfg, self.student, self.state
+        rt.barrier()
         self.validator.restore_best(self.step)
-        final_sd = student.full_state() if student.fsdp else None
+        final_sd = student.full_state()  # collective under FSDP; rank 0 only
         result = DistillResult(out_dir=str(self.out), steps=self.step, tokens=self.step * self.geo.tokens_per_step,
                                resumed_from_step=self.resumed_from, best_step=st.best_step,
                                best_metric=st.best_metric, stopped_early=st.stopped_early,
                                initial_eval=st.initial_eval, final_eval=st.last_eval,
                                nonfinite_skips=st.nonfinite_skips)
-        if acc.is_main_process:
+        if rt.is_main:
             if cfg.gradient_checkpointing:
                 student.unwrapped.activation_checkpointing_disable()
-            if not all_finite(final_sd if final_sd is not None else student.unwrapped.state_dict()):
+            cast = {k: v.to(self.save_dtype) if v.is_floating_point() else v for k, v in final_sd.items()}
+            if not all_finite(cast):
                 raise nonfinite_error("final parameters hold NaN/inf (model not written)", self.step,
                                       self.checkpointer.last, cfg, st.nonfinite_skips)
-            check_disk(self.out, tensor_bytes(final_sd) if final_sd is not None else state_dict_bytes(student.unwrapped))
-            save_pretrained_atomic(student.unwrapped, self.out, final_sd)
+            check_disk(self.out, tensor_bytes(cast))
+            save_final(student.unwrapped, cast, self.out, self.save_dtype, cfg.max_shard_size)
             atomic_write_text(self.out / DONE_FILE, result.to_json())
-        acc.wait_for_everyone()
+        rt.barrier()
         return result

@@ -6,11 +6,11 @@ from __future__ import annotations
 import math
 
 import torch
-from accelerate import Accelerator
 from transformers import PreTrainedModel
 
 from slimmoe import losses
 from slimmoe.config import DistillConfig
+from slimmoe.distill.runtime import Runtime
 
 
 def shift(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,7 +22,8 @@ def shift(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Teacher:
-    """The frozen teacher on its own device/dtype, or the top-k cache standing in for it."""
+    """The frozen teacher on its own device/dtype (sharded under FSDP: then every rank must
+    run the same number of forwards), or the top-k cache standing in for it."""
 
     def __init__(self, model: PreTrainedModel | None, cache=None):
         self.model, self.cache = model, cache
@@ -30,7 +31,10 @@ class Teacher:
     def logits(self, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
         dev = next(self.model.parameters()).device
         with torch.no_grad():
-            return self.model(input_ids=ids.to(dev), use_cache=False).logits.to(device)
+            out = self.model(input_ids=ids.to(dev), use_cache=False).logits.to(device)
+        if hasattr(self.model, "reshard"):  # FSDP2 keeps the root's gathered parameters after forward
+            self.model.reshard()
+        return out
 
     def topk(self, ids, rows, cfg: DistillConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cache is not None:
@@ -39,10 +43,10 @@ class Teacher:
         return losses.teacher_topk(self.logits(ids, device), k=cfg.topk, temperature=cfg.temperature)
 
 
-def micro_loss(model, teacher: Teacher, ids, rows, cfg: DistillConfig, acc: Accelerator) -> torch.Tensor:
+def micro_loss(model, teacher: Teacher, ids, rows, cfg: DistillConfig, rt: Runtime) -> torch.Tensor:
     labels, mask = shift(ids)
     kw = {"output_router_logits": True} if cfg.router_aux_loss_coef > 0 else {}
-    with acc.autocast():
+    with rt.autocast():
         out = model(input_ids=ids, use_cache=False, **kw)
     logits = out.logits
     lm = None
@@ -65,28 +69,35 @@ def micro_loss(model, teacher: Teacher, ids, rows, cfg: DistillConfig, acc: Acce
 
 @torch.no_grad()
 def held_out_eval(model, teacher: PreTrainedModel | None, blocks: torch.Tensor, cfg: DistillConfig,
-                  acc: Accelerator) -> dict[str, float]:
+                  rt: Runtime) -> dict[str, float]:
     """Held-out perplexity of the student and full-vocabulary KL(teacher || student), all ranks.
 
     Keys ``held_out_nll``, ``held_out_ppl`` and (with a teacher) ``held_out_kl``: named apart
-    from the pipeline's evaluate step, which measures other blocks."""
+    from the pipeline's evaluate step, which measures other blocks. Every rank runs the same
+    number of forwards (sharded models gather parameters collectively): a rank with fewer
+    blocks repeats its first one and does not count it."""
     was_training = model.training
     model.eval()
-    shard = blocks[acc.process_index :: acc.num_processes]
-    sums = torch.zeros(3, dtype=torch.float64, device=acc.device)  # nll, kl, positions
+    shard = blocks[rt.rank :: rt.world]
+    per_rank = -(-blocks.shape[0] // rt.world)  # the most blocks any rank has
+    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # nll, kl, positions
     t = Teacher(teacher)
-    for s in range(0, shard.shape[0], cfg.eval_batch_size):
-        ids = shard[s : s + cfg.eval_batch_size].to(acc.device)
+    for s in range(0, per_rank, cfg.eval_batch_size):
+        ids = (shard[s : s + cfg.eval_batch_size] if s < shard.shape[0] else blocks[:1]).to(rt.device)
         labels, mask = shift(ids)
-        with acc.autocast():
+        with rt.autocast():
             logits = model(input_ids=ids, use_cache=False).logits
+        if s >= shard.shape[0]:
+            if teacher is not None:
+                t.logits(ids, logits.device)
+            continue
         count = int(mask.sum())
         sums[0] += losses.lm_loss(logits, labels, mask, cfg.chunk_size).double() * count
         if teacher is not None:
             kl = losses.kl_loss(logits, t.logits(ids, logits.device), mask, 1.0, cfg.chunk_size)
             sums[1] += kl.double() * count
         sums[2] += count
-    sums = acc.reduce(sums, reduction="sum") if acc.num_processes > 1 else sums
+    sums = rt.reduce(sums, "sum")
     model.train(was_training)
     n = max(sums[2].item(), 1.0)
     out = {"held_out_nll": sums[0].item() / n, "held_out_ppl": math.exp(min(sums[0].item() / n, 50.0))}

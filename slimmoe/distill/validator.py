@@ -1,5 +1,6 @@
 """Held-out evaluation during distillation: when to evaluate, which state is the best one
-(kept in ``best_student.pt``), and when to stop early."""
+(kept in ``best_student.pt``: the full state dict, gathered on rank 0 under FSDP), and when
+to stop early."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import torch
 from transformers import PreTrainedModel
 
 from slimmoe.config import DistillConfig
-from slimmoe.distill.checkpoint import Student
 from slimmoe.distill.state import BEST_FILE, LoopState
 from slimmoe.distill.step import held_out_eval
+from slimmoe.distill.student import Student
 from slimmoe.io.atomic import atomic_torch_save
 from slimmoe.resources import oom_hint
 
@@ -62,15 +63,16 @@ class Validator:
         """Load the best state into the student when it is not the current one (keep_best)."""
         best = self.state.best_step
         if self.enabled and self.cfg.keep_best and best is not None and best != step:
-            self.student.load({"model": torch.load(self.best_file, map_location="cpu")})
+            main = self.student.rt.is_main or not self.student.sharded  # FSDP: rank 0 reads, then broadcasts
+            self.student.load_full(torch.load(self.best_file, map_location="cpu") if main else None)
 
     def _measure(self, step: int) -> dict[str, float]:
         with oom_hint("distill", self.oom_settings):
-            metrics = held_out_eval(self.student.model, self.teacher, self.blocks, self.cfg, self.student.acc)
+            metrics = held_out_eval(self.student.model, self.teacher, self.blocks, self.cfg, self.student.rt)
         self.log(step, metrics)
         return metrics
 
     def _save_best(self) -> None:
         best_sd = self.student.full_state()  # collective under FSDP
-        if self.student.acc.is_main_process:
+        if self.student.rt.is_main:
             atomic_torch_save(best_sd, self.best_file)

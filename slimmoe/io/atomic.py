@@ -109,13 +109,15 @@ def replace_folder(out: Path, point: str | None = None) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_pretrained_atomic(model, out: Path, state_dict=None) -> None:
+def save_pretrained_atomic(model, out: Path, state_dict=None, max_shard_size: str | int | None = None) -> None:
     """save_pretrained into a temporary subfolder, then rename each file into ``out``:
-    a reader never sees a half-written weights file."""
+    a reader never sees a half-written weights file. ``max_shard_size`` (e.g. "5GB") is the
+    largest safetensors file; transformers' default when None."""
     for stale in Path(out).glob(".final.tmp-*"):  # left by a killed writer
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(out) / f".final.tmp-{os.getpid()}"
-    model.save_pretrained(tmp, state_dict=state_dict)
+    kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(tmp, state_dict=state_dict, **kw)
     for f in sorted(tmp.iterdir()):
         os.replace(f, out / f.name)
     tmp.rmdir()
