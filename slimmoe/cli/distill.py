@@ -113,9 +113,9 @@ def run(args) -> int:
     from slimmoe.distill.loop import distill
 
     result = distill(str(student), None if teacher is None else str(teacher), out, train, evalb, cfg)
-    from accelerate import PartialState
+    from slimmoe.parallel.topology import topology
 
-    if PartialState().is_main_process:
+    if topology().is_main:
         if tok_dir is not None:
             from slimmoe.io.loading import load_tokenizer
 

@@ -142,9 +142,6 @@ class FSDPRuntime(Runtime):
     def __init__(self, cfg: DistillConfig):
         topo = init_process_group()
         self.device, self.rank, self.world = topo.device, topo.rank, topo.world
-        from accelerate import PartialState
-
-        PartialState(cpu=self.device.type == "cpu")  # callers that ask accelerate who is main (the CLI) get our answer
         self.mesh = device_mesh(topo)
         if cfg.mixed_precision == "fp16":
             raise UserError("mixed_precision: fp16 is not supported with sharding fsdp (use bf16 or no)")
