@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-quality ablation constraints clean
+.PHONY: install demo test bench bench-quality bench-scale ablation constraints clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,6 +25,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/importance.py
 	$(BIN)/python bench/distill.py
 	$(BIN)/python bench/pipeline.py
+
+bench-scale: $(STAMP)  # FSDP2 vs DDP at 2 processes: state and peak memory per rank, step time (~3 min on 2 cores)
+	$(BIN)/python bench/scale.py
 
 bench-quality: $(STAMP)  # the ablation on the demo teacher, 3 seeds (~20+ min on 2 cores; needs `make demo` first)
 	$(BIN)/python bench/quality.py

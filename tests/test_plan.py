@@ -135,7 +135,7 @@ def live_teacher(tokens):
 
 def hand_phi_plan():
     """per_rank_bytes of every step, 8 processes, bf16 compute, micro-batch 1 x 4096."""
-    P_t, P_m, P_s = PHI[0], MINI[0], TINY[0]
+    P_s = TINY[0]
     logits = T * V_PHI * 2  # one micro-batch of bf16 logits
     ckpt = lambda act: T * 2 * (32 * 4096 + act)
     eval_b = 8 * T  # eval.batch_size 8 = max(throughput_batch_sizes)
