@@ -20,7 +20,7 @@ from slimmoe.prune.plan import SlimPlan
 from slimmoe.prune.selection import check_plan, plan_selections
 from slimmoe.resources import check_disk, state_dict_bytes
 
-__all__ = ["SAVE_DTYPES", "apply_plan", "check_plan", "resolve_save_dtype", "save_slimmed"]
+__all__ = ["SAVE_DTYPES", "apply_plan", "as_dtype", "check_plan", "resolve_save_dtype", "save_slimmed"]
 
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -51,7 +51,7 @@ def _rebuild(old: nn.Module, cfg, state: dict, dtype: torch.dtype | None) -> nn.
     missing = set(expected) - set(state)
     if missing:
         raise RuntimeError(f"slimmed state misses {sorted(missing)[:3]}")
-    cast = {k: _like(v, expected[k].dtype) for k, v in state.items() if k in expected}
+    cast = {k: as_dtype(v, expected[k].dtype) for k, v in state.items() if k in expected}
     new.load_state_dict(cast, strict=True, assign=True)
     old_buffers = dict(old.named_buffers())
     for name, buf in list(new.named_buffers()):
@@ -64,7 +64,7 @@ def _rebuild(old: nn.Module, cfg, state: dict, dtype: torch.dtype | None) -> nn.
     return new
 
 
-def _like(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t`` in ``dtype`` when both are floating point (integer buffers keep theirs)."""
     return t.to(dtype) if t.is_floating_point() and dtype.is_floating_point and t.dtype != dtype else t
 
