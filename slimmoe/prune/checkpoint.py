@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import re
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +40,8 @@ def is_safetensors_folder(path) -> bool:
 
 
 class SourceCheckpoint:
-    """The stored tensors of a safetensors folder; files are opened for one group of reads at a time."""
+    """The stored tensors of a safetensors folder. A file is opened (memory-mapped) for one read at
+    a time, so the pages read leave the process with the copy made of them."""
 
     def __init__(self, folder: str | Path, field: str = "MODEL"):
         self.folder, self.field = Path(folder), field
@@ -51,7 +51,6 @@ class SourceCheckpoint:
         else:
             with self._open(self.folder / SINGLE_FILE) as f:
                 self.shard_of = {k: SINGLE_FILE for k in f.keys()}
-        self._handles: dict[str, object] = {}
 
     def _open(self, path: Path):
         try:
@@ -71,22 +70,13 @@ class SourceCheckpoint:
                 return dtype
         return None
 
-    def reading(self, names) -> ExitStack:
-        """Keep the shards holding ``names`` open for the block (closing unmaps what was read)."""
-        stack = ExitStack()
-        self._handles = {}
-        for shard in sorted({self.shard_of[n] for n in names}):
-            self._handles[shard] = stack.enter_context(self._open(self.folder / shard))
-        stack.callback(self._handles.clear)
-        return stack
-
-    def shape(self, name: str) -> list[int]:
-        return list(self._slice(name).get_shape())
-
     def read(self, name: str, expert: int | None = None, dim: int = 0, index=None) -> torch.Tensor:
         """Stored tensor ``name`` (``[expert]`` of it when given), with only ``index`` along ``dim``
         (of what is returned): the covering range is read, then the rows picked."""
-        sl = self._slice(name)
+        with self._open(self.folder / self.shard_of[name]) as f:  # opened per read: closing unmaps what was read
+            return self._read(f.get_slice(name), name, expert, dim, index)
+
+    def _read(self, sl, name: str, expert: int | None, dim: int, index) -> torch.Tensor:
         lead = () if expert is None else (slice(expert, expert + 1),)
         try:
             if index is None:
@@ -102,9 +92,6 @@ class SourceCheckpoint:
         if index is not None:
             t = t.index_select(dim, torch.as_tensor([i - lo for i in index], dtype=torch.long))
         return t.contiguous()
-
-    def _slice(self, name: str):
-        return self._handles[self.shard_of[name]].get_slice(name)
 
 
 @dataclass(frozen=True)

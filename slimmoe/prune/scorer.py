@@ -241,8 +241,8 @@ class Scorer:
         """One shared expert's neurons (float32, as the weights): gate and up rows held here,
         plus down's columns summed over the rows held here."""
         (gate, start), (up, _) = owned_rows(m.gate_proj.weight.detach()), owned_rows(m.up_proj.weight.detach())
-        out = owned_rows(m.down_proj.weight.detach())[0].abs().sum(0)
-        out[start : start + gate.shape[0]] += gate.abs().sum(1) + up.abs().sum(1)
+        out = owned_rows(m.down_proj.weight.detach())[0].abs().sum(0).cpu()  # each on the CPU: under a
+        out[start : start + gate.shape[0]] += gate.abs().sum(1).cpu() + up.abs().sum(1).cpu()  # device_map they may differ
         return out
 
     def _kv_magnitude(self, attn: nn.Module) -> torch.Tensor:
@@ -250,9 +250,8 @@ class Scorer:
         for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
             for p in proj.parameters():
                 local, start = owned_rows(p.detach())
-                s = s + group_sums(local.abs(), start, p.shape[0], kv)
-        s = s + owned_rows(attn.o_proj.weight.detach())[0].abs().sum(0).reshape(kv, -1).sum(1)
-        return s.double().cpu()
+                s = s + group_sums(local.abs(), start, p.shape[0], kv).double().cpu()
+        return s + owned_rows(attn.o_proj.weight.detach())[0].abs().sum(0).reshape(kv, -1).sum(1).double().cpu()
 
     def random_scores(self, kind: str, generator: torch.Generator) -> dict[int, torch.Tensor]:
         return {i: torch.rand(shape, generator=generator, dtype=torch.float64) for i, shape in self._shapes(kind).items()}

@@ -78,8 +78,7 @@ def slim_streamed(source: str | Path, plan: SlimPlan, out: str | Path, tokenizer
         writer = ShardWriter(tmp, _bytes(max_shard_size))
         done: set[str] = set()
         for group in groups.values():
-            with ckpt.reading([name for name, _ in group]):
-                state = _read_group(ckpt, group, keeps, src.state_dict(), wanted)
+            state = _read_group(ckpt, group, keeps, src.state_dict(), wanted)
             state = {k: as_dtype(v, wanted[k].dtype) for k, v in state.items()}
             done |= set(state)
             writer.add(_to_stored(slim, state))
@@ -110,7 +109,7 @@ def _group_stored(ckpt: SourceCheckpoint, layout: StoredLayout) -> dict[int, lis
     for name in ckpt.keys():
         where = layout.locate(name)
         if where is None:
-            log.info("%s: %s is not a tensor of the model; skipped", ckpt.folder, name)
+            log.debug("%s: %s is not a tensor of the model; skipped", ckpt.folder, name)
             continue
         m = _LAYER.search("." + where.key)
         groups[int(m.group(1)) if m else -1].append((name, where))
@@ -221,3 +220,32 @@ class ShardWriter:
         index = {"metadata": {"total_parameters": total_parameters, "total_size": self.total_bytes},
                  "weight_map": weight_map}
         (self.folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def slim_checkpoint(source: str | Path, scores, targets, out: str | Path, *, score_info: dict | None = None,
+                    tokenizer=None, extra: dict | None = None, save_dtype: str = "auto",
+                    max_shard_size: str | int = "5GB", model=None, field: str = "MODEL") -> dict:
+    """Plan from ``scores`` and write the slimmed checkpoint of ``source`` into ``out``: streamed
+    when ``source`` is a safetensors folder, in memory otherwise (a hub id, a layout the stream
+    cannot map; ``model`` is then used if given, loaded if not). Returns the plan and the
+    parameter counts before and after."""
+    from slimmoe.evaluation.params import parameter_counts
+    from slimmoe.io.loading import load_model
+    from slimmoe.prune.checkpoint import StreamUnsupported, is_safetensors_folder
+    from slimmoe.prune.plan import build_plan
+    from slimmoe.prune.slim import apply_plan, save_slimmed
+
+    if is_safetensors_folder(source):
+        config = load_config(str(source), field)
+        skeleton = meta_skeleton(config, source_dtype(source, config))
+        plan = build_plan(get_adapter(config), skeleton, scores, targets, score_info=score_info)
+        try:
+            slim = slim_streamed(source, plan, out, tokenizer, extra, save_dtype, max_shard_size, field)
+            return {"plan": plan, "before": parameter_counts(skeleton), "after": parameter_counts(slim)}
+        except StreamUnsupported as e:
+            log.warning("%s: slimming in memory: %s", source, e)
+    model = model if model is not None else load_model(str(source), field)
+    plan = build_plan(get_adapter(model.config), model, scores, targets, score_info=score_info)
+    small = apply_plan(model, plan, resolve_save_dtype(save_dtype, model.dtype))
+    save_slimmed(small, plan, out, tokenizer=tokenizer, extra=extra, max_shard_size=max_shard_size)
+    return {"plan": plan, "before": parameter_counts(model), "after": parameter_counts(small)}
