@@ -136,6 +136,14 @@ class PruneConfig(StrictModel):
             raise ValueError(f"no such file or folder: {v}")
         return v
 
+    @field_validator("max_shard_size")
+    @classmethod
+    def _shard_size(cls, v: str) -> str:
+        """What save_pretrained accepts (huggingface_hub's parse_size_to_int): a number and KB, MB, GB or TB."""
+        if not re.fullmatch(r"\s*\d+(\.\d+)?\s*[KMGT]B\s*", v, flags=re.IGNORECASE):
+            raise ValueError(f"expected a size like 5GB or 500MB, got {v!r}")
+        return v
+
 
 def format_validation_error(err: ValidationError) -> str:
     """One line naming the first offending field: ``importance.samples: must be > 0``.
