@@ -75,6 +75,25 @@ def test_streamed_equals_in_memory_tensor_by_tensor(model_type, dtype, tmp_path)
     assert torch.equal(small(input_ids=ids).logits, ref(input_ids=ids).logits)
 
 
+@pytest.mark.parametrize("model_type, overrides", [
+    ("deepseek_v3", {"first_k_dense_replace": 1}), ("qwen2_moe", {"mlp_only_layers": [0]}),
+], ids=["deepseek-dense-first", "qwen2-mlp-only-layer"])
+def test_dense_layers_are_copied_whole(model_type, overrides, tmp_path):
+    tiny_model(model_type, **overrides).save_pretrained(tmp_path / "src", max_shard_size="20KB")
+    model = load_model(tmp_path / "src")
+    mem, st = both_ways(tmp_path / "src", tmp_path, hand_plan(model, False, model_type == "deepseek_v3"))
+    assert_same_checkpoint(mem, st)
+
+
+def test_a_source_stored_fused_is_read_expert_by_expert(tmp_path):
+    """Stored in the model's own layout (gate_up_proj [E, 2I, H]; save_original_format=False)."""
+    tiny_model("mixtral").save_pretrained(tmp_path / "src", save_original_format=False)
+    assert "model.layers.0.mlp.experts.gate_up_proj" in stored(tmp_path / "src")
+    model = load_model(tmp_path / "src")
+    mem, st = both_ways(tmp_path / "src", tmp_path, hand_plan(model, False, False))
+    assert_same_checkpoint(mem, st)
+
+
 def test_tied_embeddings_and_single_file_output(tmp_path):
     tiny_model("mixtral", tie_word_embeddings=True).save_pretrained(tmp_path / "src")
     model = load_model(tmp_path / "src")

@@ -77,8 +77,9 @@ def slim_streamed(source: str | Path, plan: SlimPlan, out: str | Path, tokenizer
     with replace_folder(Path(out), point="slim:write") as tmp:
         writer = ShardWriter(tmp, _bytes(max_shard_size))
         done: set[str] = set()
+        shapes = src.state_dict()
         for group in groups.values():
-            state = _read_group(ckpt, group, keeps, src.state_dict(), wanted)
+            state = _read_group(ckpt, group, keeps, shapes, wanted)
             state = {k: as_dtype(v, wanted[k].dtype) for k, v in state.items()}
             done |= set(state)
             writer.add(_to_stored(slim, state))
