@@ -69,7 +69,8 @@ class ImportanceConfig(StrictModel):
     seed: int = Field(0, description="seed of the calibration sample and of random scores")
     device_map: str | None = Field(
         None, description="where the scored model (and teacher) are placed: auto (layers spread over the visible "
-        "GPUs, then CPU), cpu, cuda:N, or a JSON map of module names to devices; unset: one device")
+        "GPUs; weights offloaded to the CPU are refused), cpu, cuda:N, or a JSON map of module names to devices; "
+        "unset: one device")
 
     @field_validator("device_map", mode="before")
     @classmethod

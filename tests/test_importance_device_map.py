@@ -14,7 +14,7 @@ from slimmoe.cli import main
 from slimmoe.config import ImportanceConfig, PruneConfig, SlimTargets
 from slimmoe.errors import UserError
 from slimmoe.io.loading import load_model
-from slimmoe.prune.importance import KINDS, Wanted, estimate_importance, scoring_placement
+from slimmoe.prune.importance import KINDS, Wanted, estimate_importance, load_for_scoring, scoring_placement
 from slimmoe.prune.one_shot import prune
 
 PER_MODULE = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu", "model.norm": "cpu",
@@ -63,6 +63,25 @@ def test_scores_through_accelerate_hooks(source):
     model = dispatch_model(load_model(source), device_map=PER_MODULE, force_hooks=True)
     assert model.hf_device_map == PER_MODULE and hasattr(model.model.layers[0], "_hf_hook")
     assert_same_scores(plain, estimate_importance(model, blocks, cfg, want=Wanted(), progress=False))
+
+
+def test_offloaded_weights_are_refused(source, tmp_path, monkeypatch):
+    """Weights accelerate offloads (next to GPUs: modules mapped to cpu; here: disk) sit on the meta
+    device between forwards and would get no gradient: one error naming the field, no silent zeros."""
+    from accelerate import dispatch_model
+
+    import slimmoe.io.loading as loading
+
+    plain_load = loading.load_model
+
+    def load_offloaded(path, field="MODEL", **kwargs):
+        return dispatch_model(plain_load(path, field), device_map={**PER_MODULE, "lm_head": "disk"},
+                              offload_dir=str(tmp_path / "offload"))
+
+    monkeypatch.setattr(loading, "load_model", load_offloaded)
+    with pytest.raises(UserError, match=r"importance.device_map: 1 weights of MODEL \(the first: lm_head.weight\) "
+                                        "are offloaded"):
+        load_for_scoring(source, "MODEL", ImportanceConfig(device_map="auto"), distributed=False)
 
 
 def test_prune_with_device_map_writes_what_the_plain_prune_writes(source, tmp_path):

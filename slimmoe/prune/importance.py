@@ -47,8 +47,8 @@ from slimmoe.prune.scorer import Scorer
 from slimmoe.prune.shards import rank_batches, summed_gradients
 from slimmoe.resources import oom_hint
 
-__all__ = ["ImportanceScores", "Wanted", "calibration_loss", "estimate_importance", "score_sharded", "scoring_placement",
-           "wanted_for"]
+__all__ = ["ImportanceScores", "Wanted", "calibration_loss", "estimate_importance", "load_for_scoring", "score_sharded",
+           "scoring_placement", "wanted_for"]
 
 
 @dataclass
@@ -198,3 +198,19 @@ def scoring_placement(cfg: ImportanceConfig, distributed: bool) -> dict:
         raise UserError("importance.device_map: not with several processes (each process holds its FSDP shard)")
     return {"device_map": parse_device_map(cfg.device_map)}
 
+
+def load_for_scoring(path, field: str, cfg: ImportanceConfig, distributed: bool) -> nn.Module:
+    """The model at ``path`` placed as ``importance.device_map`` says, refused if any weight was
+    offloaded: next to GPUs, accelerate keeps the modules mapped to ``cpu`` on the meta device and
+    moves their weights to a GPU for each forward (``accelerate.dispatch_model``: ``offload``), so
+    they never hold a gradient to score."""
+    from slimmoe.io.loading import load_model
+
+    model = load_model(path, field, **scoring_placement(cfg, distributed))
+    offloaded = [name for name, p in model.named_parameters() if p.is_meta]
+    if offloaded:
+        raise UserError(
+            f"importance.device_map: {len(offloaded)} weights of {field} (the first: {offloaded[0]}) are offloaded "
+            "(kept off the GPUs and moved in for each forward), so they get no gradient to score; give the whole "
+            "model room on the GPUs (more GPUs, or a map that names only GPUs) or use --nproc-per-node")
+    return model

@@ -23,10 +23,10 @@ from slimmoe.arch import get_adapter
 from slimmoe.config import PruneConfig
 from slimmoe.errors import UserError
 from slimmoe.io.data import load_blocks, random_blocks
-from slimmoe.io.loading import load_config, load_model, load_tokenizer
+from slimmoe.io.loading import load_config, load_tokenizer
 from slimmoe.parallel import barrier, init_process_group
 from slimmoe.prune.checkpoint import is_safetensors_folder
-from slimmoe.prune.importance import estimate_importance, score_sharded, scoring_placement, wanted_for
+from slimmoe.prune.importance import estimate_importance, load_for_scoring, score_sharded, scoring_placement, wanted_for
 from slimmoe.prune.plan import PLAN_FILE, resolve_targets
 from slimmoe.prune.stream import slim_checkpoint
 
@@ -70,8 +70,8 @@ def prune(model_path: str, out: str | Path, cfg: PruneConfig, teacher_path: str 
     joined_here = not (dist.is_available() and dist.is_initialized())
     topo = init_process_group()  # one process: nothing to join
     placement = scoring_placement(cfg.importance, topo.distributed)
-    model = load_model(model_path, **placement)
-    teacher = load_model(teacher_path, "TEACHER", **placement) if teacher_path else None
+    model = load_for_scoring(model_path, "MODEL", cfg.importance, topo.distributed)
+    teacher = load_for_scoring(teacher_path, "TEACHER", cfg.importance, topo.distributed) if teacher_path else None
     tokenizer = load_tokenizer(model_path)
     blocks = calibration_blocks(cfg, tokenizer, config.vocab_size)
     want = wanted_for(adapter, config, cfg.targets)  # score only what the plan cuts

@@ -159,6 +159,9 @@ class Scorer:
             hs = args[0] if args else kwargs["hidden_states"]
             top_idx = args[1] if len(args) > 1 else kwargs["top_k_index"]
             top_w = args[2] if len(args) > 2 else kwargs["top_k_weights"]
+            # the inputs as called: under a device_map they may sit where the parent module runs
+            dev = experts.gate_up_proj.device
+            hs, top_idx, top_w = hs.to(dev), top_idx.to(dev), top_w.to(dev)
             E, I2, _ = experts.gate_up_proj.shape
             with torch.no_grad():
                 act_total, counts, reap_total = _zeros(E, I2 // 2), _zeros(E), _zeros(E)
