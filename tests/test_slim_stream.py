@@ -183,6 +183,19 @@ def test_bad_shard_is_one_error_naming_it_and_nothing_written(how, teacher, tmp_
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
 
 
+def test_an_expert_missing_from_the_index_is_named(tmp_path):
+    tiny_model("qwen3_moe").save_pretrained(tmp_path / "src", max_shard_size="20KB")
+    index_file = tmp_path / "src" / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    del index["weight_map"]["model.layers.1.mlp.experts.2.up_proj.weight"]
+    index_file.write_text(json.dumps(index))
+    plan = hand_plan(load_model(tmp_path / "src"), True, True)
+    with pytest.raises(UserError, match="lacks some of the per-expert tensors that make "
+                                        "model.layers.1.mlp.experts.gate_up_proj"):
+        slim_streamed(tmp_path / "src", plan, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_peak_memory_is_a_fraction_of_the_checkpoint(tmp_path):
     """A ~170 MB checkpoint of 12 layers in 8 MB shards (bench/slim_stream.py: a few hundred MB, and
     the in-memory path). The baseline is the same streamed slimming of a tiny checkpoint of the

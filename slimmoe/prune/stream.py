@@ -140,7 +140,10 @@ def _read_group(ckpt: SourceCheckpoint, group, keeps: dict[str, Keep], shapes: d
         pieces[where.key][slot][where.part] = ckpt.read(name, dim=d, index=rows)
         parts_of[where.key] = where
     for key, by_expert in pieces.items():
-        where = parts_of[key]
+        where, keep = parts_of[key], keeps.get(key)
+        experts = len(keep.experts) if keep is not None else shapes[key].shape[0]
+        if sorted(by_expert) != list(range(experts)) or any(len(p) != where.parts for p in by_expert.values()):
+            raise UserError(f"{ckpt.field}: {ckpt.folder} lacks some of the per-expert tensors that make {key}")
         state[key] = torch.stack([
             torch.cat([by_expert[e][p] for p in range(where.parts)], dim=where.part_dim) for e in sorted(by_expert)
         ])
