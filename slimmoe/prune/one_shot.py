@@ -13,6 +13,7 @@ first. One process can spread the scored model over several devices (``importanc
 
 from __future__ import annotations
 
+import gc
 import logging
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from slimmoe.io.data import load_blocks, random_blocks
 from slimmoe.io.loading import load_config, load_tokenizer
 from slimmoe.parallel import barrier, init_process_group
 from slimmoe.prune.checkpoint import is_safetensors_folder
-from slimmoe.prune.importance import estimate_importance, load_for_scoring, score_sharded, scoring_placement, wanted_for
+from slimmoe.prune.importance import estimate_importance, load_for_scoring, score_sharded, wanted_for
 from slimmoe.prune.plan import PLAN_FILE, resolve_targets
 from slimmoe.prune.stream import slim_checkpoint
 
@@ -69,7 +70,6 @@ def prune(model_path: str, out: str | Path, cfg: PruneConfig, teacher_path: str 
         raise UserError(f"--topk: {cfg.importance.topk} is larger than MODEL's vocabulary ({config.vocab_size} tokens)")
     joined_here = not (dist.is_available() and dist.is_initialized())
     topo = init_process_group()  # one process: nothing to join
-    placement = scoring_placement(cfg.importance, topo.distributed)
     model = load_for_scoring(model_path, "MODEL", cfg.importance, topo.distributed)
     teacher = load_for_scoring(teacher_path, "TEACHER", cfg.importance, topo.distributed) if teacher_path else None
     tokenizer = load_tokenizer(model_path)
@@ -84,9 +84,10 @@ def prune(model_path: str, out: str | Path, cfg: PruneConfig, teacher_path: str 
         if not topo.is_main:
             return {"output": str(out), "rank": topo.rank}
         model = None  # rank 0 slims (a safetensors folder streamed; anything else read again)
-    if model is not None and (is_safetensors_folder(model_path) or placement):
+    if model is not None and (is_safetensors_folder(model_path) or cfg.importance.device_map is not None):
         model = None  # streamed from disk, or read again in one place: the scored copy goes first
     teacher = None
+    gc.collect()  # the scored copies are gone before the slimming reads anything
     done = slim_checkpoint(model_path, scores, cfg.targets, out, score_info=cfg.importance.model_dump(),
                            tokenizer=tokenizer, extra={SCORES_FILE: scores.save}, save_dtype=cfg.save_dtype,
                            max_shard_size=cfg.max_shard_size, model=model)
