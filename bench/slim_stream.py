@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 CHILD = r"""
-import json, sys
+import json, sys, time
 from pathlib import Path
 import torch, transformers  # noqa: F401  (the baseline pays for these imports too)
 from slimmoe.prune.plan import LayerPlan, SlimPlan
@@ -39,6 +39,7 @@ def peak():
             return int(line.split()[1]) * 1024
 
 mode, src, out, shard = sys.argv[1:5]
+t0 = time.perf_counter()
 if mode != "baseline":
     cfg = json.loads((Path(src) / "config.json").read_text())
     E, I, kv = cfg["num_local_experts"], cfg["intermediate_size"], cfg["num_key_value_heads"]
@@ -50,7 +51,7 @@ if mode != "baseline":
         from slimmoe.io.loading import load_model
         from slimmoe.prune.slim import apply_plan, save_slimmed
         save_slimmed(apply_plan(load_model(src), plan), plan, out, max_shard_size=shard)
-print(json.dumps({"peak": peak()}))
+print(json.dumps({"peak": peak(), "seconds": time.perf_counter() - t0}))
 """
 
 
@@ -67,12 +68,12 @@ def build_source(folder: Path, hidden: int, width: int, layers: int, experts: in
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
-def measure(mode: str, src: Path, out: Path, shard: str) -> int:
+def measure(mode: str, src: Path, out: Path, shard: str) -> dict:
     res = subprocess.run([sys.executable, "-c", CHILD, mode, str(src), str(out), shard],
                          capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise SystemExit(f"{mode} failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])["peak"]
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -92,11 +93,11 @@ def main() -> None:
     size = build_source(src, args.hidden, args.width, args.layers, args.experts, args.vocab, args.shard)
     build_source(tiny, 64, 64, 2, args.experts, 256, args.shard)
     m = {"source_bytes": size, "source_shards": len(list(src.glob("*.safetensors"))),
-         "baseline_rss": measure("baseline", src, work / "none", args.shard),
-         "code_rss": measure("streamed", tiny, work / "tiny_out", args.shard),
-         "streamed_peak_rss": measure("streamed", src, work / "streamed", args.shard)}
-    if args.in_memory:
-        m["in_memory_peak_rss"] = measure("in_memory", src, work / "in_memory", args.shard)
+         "baseline_rss": measure("baseline", src, work / "none", args.shard)["peak"],
+         "code_rss": measure("streamed", tiny, work / "tiny_out", args.shard)["peak"]}
+    for kind in ("streamed", "in_memory") if args.in_memory else ("streamed",):
+        run = measure(kind, src, work / kind, args.shard)
+        m[f"{kind}_peak_rss"], m[f"{kind}_seconds"] = run["peak"], round(run["seconds"], 2)
     mb = 1 << 20
     print(f"source checkpoint      {size / mb:8.1f} MiB in {m['source_shards']} shards of <= {args.shard}")
     print(f"baseline: imports      {m['baseline_rss'] / mb:8.1f} MiB peak RSS")
@@ -108,7 +109,8 @@ def main() -> None:
                 m[f"{kind}_over_{base}_per_source"] = round((peak - m[f"{base}_rss"]) / size, 3)
             print(f"{kind:<22} {peak / mb:8.1f} MiB peak RSS; above imports {(peak - m['baseline_rss']) / mb:6.1f} MiB "
                   f"= {(peak - m['baseline_rss']) / size:.2f}x the checkpoint, above code "
-                  f"{(peak - m['code_rss']) / mb:6.1f} MiB = {(peak - m['code_rss']) / size:.2f}x")
+                  f"{(peak - m['code_rss']) / mb:6.1f} MiB = {(peak - m['code_rss']) / size:.2f}x; "
+                  f"{m[f'{kind}_seconds']:.1f} s")
     if args.json:
         print(json.dumps(m))
 

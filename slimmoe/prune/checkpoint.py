@@ -3,7 +3,8 @@
 :class:`SourceCheckpoint` knows which shard holds each stored tensor (``model.safetensors`` or
 the shards named by ``model.safetensors.index.json``) and reads only the rows or columns wanted,
 through ``safe_open(...).get_slice(name)[...]`` (safetensors' lazy slicing: only the bytes of
-the requested range are read; https://huggingface.co/docs/safetensors/api/torch).
+the requested range are read: https://huggingface.co/docs/safetensors, "Loading only part of the
+tensors"; one file opened per read, so the pages mapped for it are released with it).
 
 :class:`StoredLayout` maps a stored name to the model's parameter it belongs to. transformers 5
 stores MoE experts one module per expert (``experts.N.w1/w3/w2`` or ``gate_proj/up_proj/down_proj``)
