@@ -7,6 +7,8 @@ Errors from these models are turned into one-line messages naming the field by
 from __future__ import annotations
 
 import difflib
+import json
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -65,6 +67,44 @@ class ImportanceConfig(StrictModel):
     topk: int = Field(8, gt=0, description="teacher logits kept by the KD loss")
     temperature: float = Field(1.0, gt=0, description="softmax temperature of the KD loss")
     seed: int = Field(0, description="seed of the calibration sample and of random scores")
+    device_map: str | None = Field(
+        None, description="where the scored model (and teacher) are placed: auto (layers spread over the visible "
+        "GPUs; weights offloaded to the CPU are refused), cpu, cuda:N, or a JSON map of module names to devices; "
+        "unset: one device")
+
+    @field_validator("device_map", mode="before")
+    @classmethod
+    def _device_map_text(cls, v: Any) -> Any:
+        """A YAML mapping is kept as its JSON text; text is checked (parse_device_map)."""
+        if isinstance(v, dict):
+            v = json.dumps(v)
+        if isinstance(v, str):
+            parse_device_map(v)
+        return v
+
+
+DEVICE_MAP_NAMES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def parse_device_map(text: str | None) -> str | dict[str, str | int] | None:
+    """``device_map`` as ``from_pretrained`` takes it: a strategy name, one device, or a JSON map
+    of module names to devices (``"disk"`` is refused: offloaded weights get no gradient)."""
+    if text is None:
+        return None
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"not a JSON map of module names to devices ({e})") from None
+        if not isinstance(value, dict) or not all(isinstance(d, (str, int)) for d in value.values()):
+            raise ValueError("expected a JSON map of module names to devices such as \"cpu\", \"cuda:0\" or 0")
+        if "disk" in value.values():
+            raise ValueError("disk offload is not supported for scoring (offloaded weights get no gradient)")
+        return value
+    if text in DEVICE_MAP_NAMES or re.fullmatch(r"cpu|cuda(:\d+)?|mps|xpu(:\d+)?|\d+", text):
+        return int(text) if text.isdigit() else text
+    raise ValueError(f"expected {', '.join(DEVICE_MAP_NAMES)}, a device (cpu, cuda:0) or a JSON map, got {text!r}")
 
 
 class SlimTargets(StrictModel):
@@ -78,18 +118,31 @@ class SlimTargets(StrictModel):
         return all(v is None for v in self.model_dump().values())
 
 
+SaveDtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
 class PruneConfig(StrictModel):
     """Everything `slimmoe prune` needs: targets, scoring and calibration data."""
 
     targets: SlimTargets = Field(SlimTargets(), description="target sizes; a size left out keeps the source's")
     importance: ImportanceConfig = Field(ImportanceConfig(), description="how structures are scored")
     data: Path | None = Field(None, description="calibration text; random tokens when absent")
+    save_dtype: SaveDtype = Field("auto", description="dtype of the slimmed model; auto: the source's")
+    max_shard_size: str = Field("5GB", description="largest safetensors file of the slimmed model")
 
     @field_validator("data")
     @classmethod
     def _data_exists(cls, v: Path | None) -> Path | None:
         if v is not None and not Path(v).exists():
             raise ValueError(f"no such file or folder: {v}")
+        return v
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _shard_size(cls, v: str) -> str:
+        """What save_pretrained accepts (huggingface_hub's parse_size_to_int): a number and KB, MB, GB or TB."""
+        if not re.fullmatch(r"\s*\d+(\.\d+)?\s*[KMGT]B\s*", v, flags=re.IGNORECASE):
+            raise ValueError(f"expected a size like 5GB or 500MB, got {v!r}")
         return v
 
 

@@ -15,6 +15,10 @@ calibration batches are dealt out over the processes (batch j to rank j mod N), 
 reduce-scatter is made a plain sum, each process folds the rows it holds, and the partial sums
 are all-reduced at the end: every process returns the scores one process would have computed.
 
+One process, several devices (``importance.device_map``, e.g. ``auto``): the model is placed by
+``from_pretrained(device_map=...)`` (accelerate's hooks move activations between devices); the
+hooks fold every partial sum into float64 tensors on the CPU, wherever the weights are.
+
 Baselines: ``magnitude`` (L1 norm of the structure's weights), ``activation`` (mean
 |activation| of a neuron / of a KV group's attention output, Minitron-style), ``random``.
 Whole experts: ``taylor`` (over the expert's gate/up/down weights; the router row is not
@@ -34,7 +38,7 @@ from tqdm.auto import tqdm
 
 from slimmoe import losses
 from slimmoe.arch import get_adapter
-from slimmoe.config import ImportanceConfig
+from slimmoe.config import ImportanceConfig, parse_device_map
 from slimmoe.errors import UserError
 from slimmoe.io.atomic import atomic_torch_save
 from slimmoe.parallel import Topology, device_mesh, shard_decoder_layers
@@ -43,7 +47,8 @@ from slimmoe.prune.scorer import Scorer
 from slimmoe.prune.shards import rank_batches, summed_gradients
 from slimmoe.resources import oom_hint
 
-__all__ = ["ImportanceScores", "Wanted", "calibration_loss", "estimate_importance", "score_sharded", "wanted_for"]
+__all__ = ["ImportanceScores", "Wanted", "calibration_loss", "estimate_importance", "load_for_scoring", "score_sharded",
+           "scoring_placement", "wanted_for"]
 
 
 @dataclass
@@ -143,7 +148,7 @@ def _run_calibration(model: nn.Module, blocks: torch.Tensor, cfg: ImportanceConf
     """This process's calibration batches through the model (and the loss backward when
     ``gradient``); the hooks score. A batch that does not count (shards.rank_batches) only
     keeps the processes in step: its loss is zeroed and its statistics are not kept."""
-    device = next(model.parameters()).device
+    device = model.get_input_embeddings().weight.device  # spread over devices: where the first layer is
     with oom_hint("importance", {"batch_size": cfg.batch_size, "seq_len": blocks.shape[1]}), summed_gradients(model):
         for ids, counts in tqdm(rank_batches(blocks, cfg.batch_size), desc="importance", unit="batch", disable=not progress):
             ids, scorer.counting = ids.to(device), counts
@@ -182,3 +187,30 @@ def score_sharded(model, teacher, blocks: torch.Tensor, cfg: ImportanceConfig, w
         shard_decoder_layers(teacher.requires_grad_(False), mesh)
     return estimate_importance(model, blocks, cfg, teacher=teacher, want=want,
                                progress=progress and topo.is_main)
+
+
+def scoring_placement(cfg: ImportanceConfig, distributed: bool) -> dict:
+    """``from_pretrained`` keywords placing the scored model (``importance.device_map``); with
+    several processes each one holds its FSDP shard instead."""
+    if cfg.device_map is None:
+        return {}
+    if distributed:
+        raise UserError("importance.device_map: not with several processes (each process holds its FSDP shard)")
+    return {"device_map": parse_device_map(cfg.device_map)}
+
+
+def load_for_scoring(path, field: str, cfg: ImportanceConfig, distributed: bool) -> nn.Module:
+    """The model at ``path`` placed as ``importance.device_map`` says, refused if any weight was
+    offloaded: next to GPUs, accelerate keeps the modules mapped to ``cpu`` on the meta device and
+    moves their weights to a GPU for each forward (``accelerate.dispatch_model``: ``offload``), so
+    they never hold a gradient to score."""
+    from slimmoe.io.loading import load_model
+
+    model = load_model(path, field, **scoring_placement(cfg, distributed))
+    offloaded = [name for name, p in model.named_parameters() if p.is_meta]
+    if offloaded:
+        raise UserError(
+            f"importance.device_map: {len(offloaded)} weights of {field} (the first: {offloaded[0]}) are offloaded "
+            "(kept off the GPUs and moved in for each forward), so they get no gradient to score; give the whole "
+            "model room on the GPUs (more GPUs, or a map that names only GPUs) or use --nproc-per-node")
+    return model

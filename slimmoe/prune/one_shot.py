@@ -3,12 +3,17 @@
 In several processes (``slimmoe prune ... --nproc-per-node N``, or torchrun), every process
 loads the model and the teacher, shards both with FSDP2 (the teacher forward-only) and scores
 its share of the calibration batches; the scores are reduced over the processes. Rank 0 then
-reads the full model again, builds the plan, slims and writes OUT; the others leave once the
-scores are known, and torchrun ends when rank 0 has written OUT.
+builds the plan, slims and writes OUT; the others leave once the scores are known, and torchrun
+ends when rank 0 has written OUT.
+
+Slimming a safetensors folder is streamed layer by layer from disk (stream.py), so it needs
+memory for one layer and one output shard, not for the model; the scored copy is released
+first. One process can spread the scored model over several devices (``importance.device_map``).
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 from pathlib import Path
 
@@ -18,13 +23,13 @@ import torch.distributed as dist
 from slimmoe.arch import get_adapter
 from slimmoe.config import PruneConfig
 from slimmoe.errors import UserError
-from slimmoe.evaluation.params import parameter_counts
 from slimmoe.io.data import load_blocks, random_blocks
-from slimmoe.io.loading import load_config, load_model, load_tokenizer
+from slimmoe.io.loading import load_config, load_tokenizer
 from slimmoe.parallel import barrier, init_process_group
-from slimmoe.prune.importance import estimate_importance, score_sharded, wanted_for
-from slimmoe.prune.plan import PLAN_FILE, build_plan, resolve_targets
-from slimmoe.prune.slim import apply_plan, save_slimmed
+from slimmoe.prune.checkpoint import is_safetensors_folder
+from slimmoe.prune.importance import estimate_importance, load_for_scoring, score_sharded, wanted_for
+from slimmoe.prune.plan import PLAN_FILE, resolve_targets
+from slimmoe.prune.stream import slim_checkpoint
 
 log = logging.getLogger("slimmoe")
 SCORES_FILE = "importance.pt"
@@ -65,8 +70,8 @@ def prune(model_path: str, out: str | Path, cfg: PruneConfig, teacher_path: str 
         raise UserError(f"--topk: {cfg.importance.topk} is larger than MODEL's vocabulary ({config.vocab_size} tokens)")
     joined_here = not (dist.is_available() and dist.is_initialized())
     topo = init_process_group()  # one process: nothing to join
-    model = load_model(model_path)
-    teacher = load_model(teacher_path, "TEACHER") if teacher_path else None
+    model = load_for_scoring(model_path, "MODEL", cfg.importance, topo.distributed)
+    teacher = load_for_scoring(teacher_path, "TEACHER", cfg.importance, topo.distributed) if teacher_path else None
     tokenizer = load_tokenizer(model_path)
     blocks = calibration_blocks(cfg, tokenizer, config.vocab_size)
     want = wanted_for(adapter, config, cfg.targets)  # score only what the plan cuts
@@ -78,19 +83,21 @@ def prune(model_path: str, out: str | Path, cfg: PruneConfig, teacher_path: str 
         _leave_processes(joined_here)
         if not topo.is_main:
             return {"output": str(out), "rank": topo.rank}
-        model = load_model(model_path)  # rank 0 slims the whole model, read again
-    plan = build_plan(adapter, model, scores, cfg.targets, score_info=cfg.importance.model_dump())
-    before = parameter_counts(model)
-    slim = apply_plan(model, plan)
-    del model
-    after = parameter_counts(slim)
-    save_slimmed(slim, plan, out, tokenizer=tokenizer, extra={SCORES_FILE: scores.save})
+        model = None  # rank 0 slims (a safetensors folder streamed; anything else read again)
+    if model is not None and (is_safetensors_folder(model_path) or cfg.importance.device_map is not None):
+        model = None  # streamed from disk, or read again in one place: the scored copy goes first
+    teacher = None
+    gc.collect()  # the scored copies are gone before the slimming reads anything
+    done = slim_checkpoint(model_path, scores, cfg.targets, out, score_info=cfg.importance.model_dump(),
+                           tokenizer=tokenizer, extra={SCORES_FILE: scores.save}, save_dtype=cfg.save_dtype,
+                           max_shard_size=cfg.max_shard_size, model=model)
+    plan = done["plan"]
     return {
         "output": str(out),
         "source": plan.source,
         "target": plan.target,
-        "params_before": before,
-        "params_after": after,
+        "params_before": done["before"],
+        "params_after": done["after"],
         "calibration_tokens": int(blocks.numel()),
     }
 

@@ -159,6 +159,9 @@ class Scorer:
             hs = args[0] if args else kwargs["hidden_states"]
             top_idx = args[1] if len(args) > 1 else kwargs["top_k_index"]
             top_w = args[2] if len(args) > 2 else kwargs["top_k_weights"]
+            # the inputs as called: under a device_map they may sit where the parent module runs
+            dev = experts.gate_up_proj.device
+            hs, top_idx, top_w = hs.to(dev), top_idx.to(dev), top_w.to(dev)
             E, I2, _ = experts.gate_up_proj.shape
             with torch.no_grad():
                 act_total, counts, reap_total = _zeros(E, I2 // 2), _zeros(E), _zeros(E)
@@ -241,8 +244,8 @@ class Scorer:
         """One shared expert's neurons (float32, as the weights): gate and up rows held here,
         plus down's columns summed over the rows held here."""
         (gate, start), (up, _) = owned_rows(m.gate_proj.weight.detach()), owned_rows(m.up_proj.weight.detach())
-        out = owned_rows(m.down_proj.weight.detach())[0].abs().sum(0)
-        out[start : start + gate.shape[0]] += gate.abs().sum(1) + up.abs().sum(1)
+        out = owned_rows(m.down_proj.weight.detach())[0].abs().sum(0).cpu()  # each on the CPU: under a
+        out[start : start + gate.shape[0]] += gate.abs().sum(1).cpu() + up.abs().sum(1).cpu()  # device_map they may differ
         return out
 
     def _kv_magnitude(self, attn: nn.Module) -> torch.Tensor:
@@ -250,9 +253,8 @@ class Scorer:
         for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
             for p in proj.parameters():
                 local, start = owned_rows(p.detach())
-                s = s + group_sums(local.abs(), start, p.shape[0], kv)
-        s = s + owned_rows(attn.o_proj.weight.detach())[0].abs().sum(0).reshape(kv, -1).sum(1)
-        return s.double().cpu()
+                s = s + group_sums(local.abs(), start, p.shape[0], kv).double().cpu()
+        return s + owned_rows(attn.o_proj.weight.detach())[0].abs().sum(0).reshape(kv, -1).sum(1).double().cpu()
 
     def random_scores(self, kind: str, generator: torch.Generator) -> dict[int, torch.Tensor]:
         return {i: torch.rand(shape, generator=generator, dtype=torch.float64) for i, shape in self._shapes(kind).items()}

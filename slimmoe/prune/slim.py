@@ -1,169 +1,58 @@
-"""Apply a slimming plan: slice fused expert tensors, routers, shared experts and attention.
+"""Apply a slimming plan in memory: slice fused expert tensors, routers, shared experts and attention.
 
-The smaller model is rebuilt from its updated config on the meta device and the sliced
-tensors are assigned into it, so its modules' sizes always agree with its config and no
-second full copy of the weights is allocated.
+What is kept is decided by :func:`slimmoe.prune.selection.plan_selections` (shared with the
+streamed path, stream.py). The smaller model is rebuilt from its updated config on the meta
+device and the sliced tensors are assigned into it, so its modules' sizes always agree with
+its config and no second full copy of the weights is allocated.
 """
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from transformers import AutoModelForCausalLM
 
-from slimmoe.arch import MoEAdapter, get_adapter
-from slimmoe.errors import UserError
+from slimmoe.arch import get_adapter
 from slimmoe.io.atomic import replace_folder
-from slimmoe.prune.plan import LayerPlan, SlimPlan
+from slimmoe.prune.plan import SlimPlan
+from slimmoe.prune.selection import check_plan, plan_selections
 from slimmoe.resources import check_disk, state_dict_bytes
 
+__all__ = ["SAVE_DTYPES", "apply_plan", "as_dtype", "check_plan", "resolve_save_dtype", "save_slimmed"]
 
-def _idx(ids: list[int], device) -> torch.Tensor:
-    return torch.as_tensor(ids, dtype=torch.long, device=device)
-
-
-def _rows_of_heads(heads: list[int], head_dim: int, device) -> torch.Tensor:
-    """Row indices of a projection whose output is laid out head by head."""
-    h = _idx(heads, device)
-    return (h[:, None] * head_dim + torch.arange(head_dim, device=device)[None, :]).reshape(-1)
+SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class _Slicer:
-    """Collects the sliced tensors of one model into a new state dict, by parameter name."""
-
-    def __init__(self, model: nn.Module):
-        self.names = {id(t): n for n, t in model.state_dict(keep_vars=True).items()}
-        self.state = dict(model.state_dict())
-
-    def index(self, tensor: torch.Tensor, dim: int, index: torch.Tensor) -> None:
-        name = self.names[id(tensor)]
-        self.state[name] = tensor.detach().index_select(dim, index).contiguous()
-
-    def linear_out(self, linear: nn.Linear, rows: torch.Tensor) -> None:
-        self.index(linear.weight, 0, rows)
-        if linear.bias is not None:
-            self.index(linear.bias, 0, rows)
-
-    def linear_in(self, linear: nn.Linear, cols: torch.Tensor) -> None:
-        self.index(linear.weight, 1, cols)
+def resolve_save_dtype(name: str | None, source_dtype: torch.dtype) -> torch.dtype:
+    """``save_dtype`` resolved: ``auto`` (or None) is the source's dtype."""
+    return source_dtype if name in (None, "auto") else SAVE_DTYPES[name]
 
 
-def _slice_experts(s: _Slicer, blk, lp: LayerPlan, inter: int) -> None:
-    experts = blk.experts
-    dev = experts.gate_up_proj.device
-    kept = _idx(lp.experts, dev)
-    neurons = torch.stack([_idx(n, dev) for n in lp.expert_neurons])  # [E', I']
-    gu = experts.gate_up_proj.detach().index_select(0, kept)  # [E', 2I, H]
-    rows = torch.cat([neurons, neurons + inter], dim=1)  # gate rows first, then up rows
-    s.state[s.names[id(experts.gate_up_proj)]] = torch.gather(
-        gu, 1, rows[:, :, None].expand(-1, -1, gu.shape[-1])
-    ).contiguous()
-    dn = experts.down_proj.detach().index_select(0, kept)  # [E', H, I]
-    s.state[s.names[id(experts.down_proj)]] = torch.gather(
-        dn, 2, neurons[:, None, :].expand(-1, dn.shape[1], -1)
-    ).contiguous()
-    for bias_name in ("gate_up_proj_bias", "down_proj_bias"):
-        if getattr(experts, bias_name, None) is not None:
-            raise UserError(f"expert biases ({bias_name}) are not supported yet")
-    router = blk.router
-    for name in ("weight", "bias", "e_score_correction_bias"):
-        t = getattr(router, name, None)
-        if isinstance(t, torch.Tensor) and t.shape[0] == experts.gate_up_proj.shape[0]:
-            s.index(t, 0, kept)
-
-
-def _slice_shared(s: _Slicer, blk, lp: LayerPlan) -> None:
-    """Shared experts are dense gated MLPs; their neurons are numbered across all of them."""
-    offset = 0
-    wanted = _idx(lp.shared_neurons, blk.shared[0].gate_proj.weight.device)
-    for mlp in blk.shared:
-        width = mlp.gate_proj.weight.shape[0]
-        mine = wanted[(wanted >= offset) & (wanted < offset + width)] - offset
-        s.linear_out(mlp.gate_proj, mine)
-        s.linear_out(mlp.up_proj, mine)
-        s.linear_in(mlp.down_proj, mine)
-        offset += width
-
-
-def _slice_attention(s: _Slicer, attn, lp: LayerPlan, head_dim: int, group: int) -> None:
-    dev = attn.q_proj.weight.device
-    q_heads = [g * group + j for g in lp.kv_groups for j in range(group)]
-    q_rows = _rows_of_heads(q_heads, head_dim, dev)
-    kv_rows = _rows_of_heads(lp.kv_groups, head_dim, dev)
-    s.linear_out(attn.q_proj, q_rows)
-    s.linear_out(attn.k_proj, kv_rows)
-    s.linear_out(attn.v_proj, kv_rows)
-    s.linear_in(attn.o_proj, q_rows)
-
-
-def check_plan(plan: SlimPlan, adapter: MoEAdapter, model: nn.Module) -> None:
-    """Uniform width across experts and layers, indices in range: a UserError otherwise."""
-    cfg = model.config
-    n_layers = len(adapter.layers(model))
-    if len(plan.layers) != n_layers:
-        raise UserError(f"slim_plan: {len(plan.layers)} layers planned, the model has {n_layers}")
-    widths, counts, groups = set(), set(), set()
-    for lp in plan.layers:
-        if lp.experts is not None:
-            counts.add(len(lp.experts))
-            widths.update(len(n) for n in lp.expert_neurons)
-            if any(not 0 <= e < adapter.num_experts(cfg) for e in lp.experts):
-                raise UserError(f"slim_plan: layer {lp.layer} keeps an expert index out of range")
-        if lp.kv_groups is not None:
-            groups.add(len(lp.kv_groups))
-    if len(widths) > 1 or len(counts) > 1 or len(groups) > 1:
-        raise UserError("slim_plan: widths, expert counts and KV groups must be the same in every layer")
-
-
-def apply_plan(model: nn.Module, plan: SlimPlan) -> nn.Module:
+def apply_plan(model: nn.Module, plan: SlimPlan, dtype: torch.dtype | None = None) -> nn.Module:
     """Return a new, smaller model that computes what ``model`` computes with the removed
-    structures masked out. ``model`` itself is left unchanged."""
-    adapter = get_adapter(model.config)
-    check_plan(plan, adapter, model)
-    cfg = model.config
-    inter, head_dim = adapter.expert_size(cfg), adapter.head_dim(cfg)
-    group = cfg.num_attention_heads // adapter.num_kv_heads(cfg)
-    s = _Slicer(model)
-    blocks = {b.layer_idx: b for b in adapter.moe_blocks(model)}
-    layers = adapter.layers(model)
-    new_width = new_shared = new_kv = new_experts = None
-    for lp in plan.layers:
-        blk = blocks.get(lp.layer)
-        if blk is not None and lp.experts is not None:
-            _slice_experts(s, blk, lp, inter)
-            new_width, new_experts = len(lp.expert_neurons[0]), len(lp.experts)
-            if blk.shared and lp.shared_neurons is not None:
-                _slice_shared(s, blk, lp)
-                new_shared = len(lp.shared_neurons)
-        if lp.kv_groups is not None and len(lp.kv_groups) != adapter.num_kv_heads(cfg):
-            adapter.check_kv_slimming(cfg)
-            _slice_attention(s, adapter.attention(layers[lp.layer]), lp, head_dim, group)
-            new_kv = len(lp.kv_groups)
-
-    new_cfg = copy.deepcopy(cfg)
-    adapter.update_config(
-        new_cfg,
-        expert_size=new_width if new_width != inter else None,
-        shared_size=new_shared,
-        kv_heads=new_kv,
-        num_experts=new_experts if new_experts != adapter.num_experts(cfg) else None,
-    )
-    return _rebuild(model, new_cfg, s.state)
+    structures masked out. ``model`` itself is left unchanged. ``dtype`` (default: the
+    model's) is the dtype of the new model, built as ``from_config(dtype=...)`` builds it
+    (modules a family keeps in float32, such as DeepSeek's router, stay float32)."""
+    keeps, new_cfg = plan_selections(model, plan, get_adapter(model.config))
+    state = dict(model.state_dict())
+    for name, keep in keeps.items():
+        state[name] = keep.take(state[name])
+    return _rebuild(model, new_cfg, state, dtype)
 
 
-def _rebuild(old: nn.Module, cfg, state: dict) -> nn.Module:
-    dtype = next(old.parameters()).dtype
+def _rebuild(old: nn.Module, cfg, state: dict, dtype: torch.dtype | None) -> nn.Module:
+    dtype = dtype or next(old.parameters()).dtype
     with torch.device("meta"):
         new = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     # tied weights appear once in the new state dict; drop what the new model does not hold
-    expected = set(new.state_dict().keys())
-    missing = expected - set(state)
+    expected = new.state_dict()
+    missing = set(expected) - set(state)
     if missing:
         raise RuntimeError(f"slimmed state misses {sorted(missing)[:3]}")
-    new.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=True, assign=True)
+    cast = {k: as_dtype(v, expected[k].dtype) for k, v in state.items() if k in expected}
+    new.load_state_dict(cast, strict=True, assign=True)
     old_buffers = dict(old.named_buffers())
     for name, buf in list(new.named_buffers()):
         if buf.is_meta:  # non-persistent buffers (rotary inv_freq): same shape as before
@@ -175,15 +64,22 @@ def _rebuild(old: nn.Module, cfg, state: dict) -> nn.Module:
     return new
 
 
-def save_slimmed(model: nn.Module, plan: SlimPlan, out: str | Path, tokenizer=None, extra: dict | None = None) -> Path:
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype`` when both are floating point (integer buffers keep theirs)."""
+    return t.to(dtype) if t.is_floating_point() and dtype.is_floating_point and t.dtype != dtype else t
+
+
+def save_slimmed(model: nn.Module, plan: SlimPlan, out: str | Path, tokenizer=None, extra: dict | None = None,
+                 max_shard_size: str | int | None = None) -> Path:
     """Save with ``save_pretrained`` into a temporary sibling folder, then swap it in for ``out``.
 
     ``extra`` maps file names to writers (``writer(path)``) for side files such as scores.
     An interrupted save leaves ``out`` as it was; a finished one holds the completion marker.
     """
     check_disk(Path(out), state_dict_bytes(model))
+    kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     with replace_folder(Path(out), point="slim:write") as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **kw)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, write in (extra or {}).items():

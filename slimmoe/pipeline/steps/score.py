@@ -7,11 +7,10 @@ from pathlib import Path
 from slimmoe.arch import get_adapter
 from slimmoe.config import ImportanceConfig, SlimTargets
 from slimmoe.faults import crash_point
-from slimmoe.io.loading import load_model
 from slimmoe.parallel.topology import barrier, topology
 from slimmoe.pipeline.steps.data import load_prepared
 from slimmoe.pipeline.steps.refs import ImportanceRef, file_fingerprint
-from slimmoe.prune.importance import estimate_importance, score_sharded, wanted_for
+from slimmoe.prune.importance import estimate_importance, load_for_scoring, score_sharded, wanted_for
 
 
 def score(model_dir: str, teacher_dir: str | None, blocks_path: str, cfg: ImportanceConfig, targets: SlimTargets,
@@ -20,9 +19,9 @@ def score(model_dir: str, teacher_dir: str | None, blocks_path: str, cfg: Import
     several processes the model and teacher are sharded with FSDP2, the calibration batches
     split over the ranks, and every rank gets the reduced scores (slimmoe.prune.one_shot)."""
     topo = topology()
-    model = load_model(model_dir)
+    model = load_for_scoring(model_dir, "MODEL", cfg, topo.distributed)  # importance.device_map: several devices
     want = wanted_for(get_adapter(model.config), model.config, targets)
-    teacher = load_model(teacher_dir, "teacher") if teacher_dir else None
+    teacher = load_for_scoring(teacher_dir, "teacher", cfg, topo.distributed) if teacher_dir else None
     train, _ = load_prepared(blocks_path)
     if topo.distributed:
         scores = score_sharded(model, teacher, train, cfg, want, topo, progress)
