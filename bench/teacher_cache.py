@@ -193,8 +193,9 @@ def main() -> None:
                   f"{d['float32_seed_spread']:.2e}; |mean| / spread {d['mean_diff_over_seed_spread']:.3f}")
     for dtype in ("float32", "float16"):
         s = stats[dtype]
-        print(f"{dtype} cache: {s['bytes_per_token']:.1f} B/token of data ({s['bytes_per_token_with_index_and_markers']:.2f} "
-              f"with index and markers), ids {s['index']['indices_dtype']}")
+        print(f"{dtype} cache: {s['bytes_per_token']:.1f} B/token of data "
+              f"({s['bytes_per_token_with_index_and_markers']:.2f} with index and markers), "
+              f"ids {s['index']['indices_dtype']}")
     print("float16 vs float32 cache:", json.dumps(stats["float16_vs_float32"]))
     if args.json:
         print(json.dumps({"runs": runs, "summary": summary, "cache": {k: v for k, v in stats.items()}}, default=str))

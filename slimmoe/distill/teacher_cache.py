@@ -17,22 +17,12 @@ Layout of one entry ``<cache_dir>/<key>/``::
     part-000000.json            the part's completion marker: rows and sha256 of both data files
     part-000001.* ...
 
-Size: k x (2 + 2) bytes per token at float16 / bfloat16 with a vocabulary of <= 65536
-(32 B at k = 8; Phi's 32,064), k x (2 + 4) above it, k x (4 + 4) in float32.
-
-Precision: the log-softmax is computed in float32 (:func:`slimmoe.losses.teacher_topk`) and
-rounded once, to nearest, to the stored dtype; values below ``LOGPROB_FLOOR`` (-1e4) are
-clamped to it first (float16's range ends at -65504; exp() of anything below about -104 is 0
-in float32, so the loss cannot tell them apart, and a -inf never reaches it). Storing
-log-probabilities, not probabilities, keeps the relative error of every probability at
-|log p| x 2^-11 in float16 (0.05% at p = 0.37, 0.5% at p = 4.5e-5) and 2^-8 in bfloat16;
-near p = 1, float16's subnormals keep the residual mass 1 - p to ~6e-8. Reading converts
-the rows a step asks for to float32 (and ids to int64), so the losses compute in float32.
-float32 mode stores today's values bit for bit.
-
-Format 3 (this one) adds the dtypes to the key and the file names; entries of format 2
-(float32 + int32) and 1 have other keys, so they are not found and are rebuilt (an old
-entry's folder is left on disk; delete it by hand).
+Size: k x (2 + 2) B per token in float16 / bfloat16 up to 65536 ids (32 B at k = 8), k x (2 + 4)
+above, k x (4 + 4) in float32. Precision (:mod:`slimmoe.distill.topk_codec`): the float32
+log-softmax is clamped at -1e4 and rounded once to nearest; a probability's relative error is
+|log p| x 2^-11 in float16 (2^-8 bfloat16); float32 mode stores today's values bit for bit.
+Reads convert only the rows asked for to float32 / int64. Format 2 (float32 + int32) entries
+have other keys: they are not found and are rebuilt (delete their folders by hand).
 
 Blocks are split into parts of ``part_size`` rows, a number that does not depend on the
 world size, and rank r computes the parts p with ``p % world == r`` (:func:`build`). The
@@ -56,6 +46,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from slimmoe.distill.topk_codec import (  # noqa: F401 - LOGPROB_FLOOR, bytes_per_token: part of this API
+    INDEX_DTYPES,
+    LOGPROB_DTYPES,
+    LOGPROB_FLOOR,
+    bytes_per_token,
+    decode_logprobs,
+    encode_ids,
+    encode_logprobs,
+    file_suffixes,
+    index_dtype,
+)
 from slimmoe.faults import crash_point
 from slimmoe.io.atomic import atomic_write_text, fsync_dir
 from slimmoe.io.fingerprint import folder_fingerprint
@@ -66,10 +67,7 @@ from slimmoe.parallel import barrier as dist_barrier
 INDEX_FILE = "index.json"
 FORMAT = "slimmoe-teacher-topk/3"  # /3: 16-bit log-probs and ids; /2: float32 + int32 parts; /1: rank 0 only
 PART_SIZE = 256  # blocks per part: at seq 4096, k 8, 32 MiB of data per part in float16
-LOGPROB_FLOOR = -1.0e4  # 16-bit modes clamp log-probs below this (module docstring)
-LOGPROB_DTYPES = {"float16": ("f16", np.float16), "bfloat16": ("bf16", np.uint16), "float32": ("f32", np.float32)}
-INDEX_DTYPES = {"uint16": ("u16", np.uint16), "int32": ("i32", np.int32)}
-UINT16_VOCAB = 1 << 16  # the largest vocabulary whose ids fit uint16
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,17 +89,6 @@ def fingerprint_blocks(blocks) -> str:
                         "'fingerprint' string")
     raw = json.dumps(["blocks", [int(d) for d in blocks.shape], fp])
     return hashlib.sha256(raw.encode()).hexdigest()[:32]
-
-
-def index_dtype(vocab_size: int | None) -> str:
-    """The smallest id dtype of a vocabulary: uint16 up to 65536 ids, else (or unknown) int32."""
-    return "uint16" if vocab_size is not None and 0 < vocab_size <= UINT16_VOCAB else "int32"
-
-
-def bytes_per_token(k: int, logprobs_dtype: str = "float16", vocab_size: int | None = None) -> int:
-    """Bytes an entry holds per token: k log-probs and k ids."""
-    lp = np.dtype(LOGPROB_DTYPES[logprobs_dtype][1]).itemsize
-    return k * (lp + np.dtype(INDEX_DTYPES[index_dtype(vocab_size)][1]).itemsize)
 
 
 def fingerprint_model(model: torch.nn.Module) -> str:
@@ -188,13 +175,6 @@ def _part_name(p: int) -> str:
     return f"part-{p:06d}"
 
 
-def _files(index: dict) -> tuple[tuple[str, np.dtype], tuple[str, np.dtype]]:
-    """(file suffix, numpy dtype on disk) of the log-probs and of the ids."""
-    lp_ext, lp_np = LOGPROB_DTYPES[index["logprobs_dtype"]]
-    idx_ext, idx_np = INDEX_DTYPES[index["indices_dtype"]]
-    return (f"logprobs.{lp_ext}", np.dtype(lp_np)), (f"indices.{idx_ext}", np.dtype(idx_np))
-
-
 def _part_rows(index: dict, p: int) -> tuple[int, int]:
     start = p * index["part_size"]
     return start, min(start + index["part_size"], index["shape"][0])
@@ -213,7 +193,8 @@ def _part_complete(entry: Path, index: dict, p: int) -> bool:
         return False
     values = (stop - start) * index["shape"][1] * index["shape"][2]
     try:
-        return all((entry / f"{name}.{suffix}").stat().st_size == values * dt.itemsize for suffix, dt in _files(index))
+        return all((entry / f"{name}.{suffix}").stat().st_size == values * dt.itemsize
+                   for suffix, dt in file_suffixes(index))
     except OSError:
         return False
 
@@ -229,31 +210,6 @@ def _write_data(path: Path, chunks: list[bytes]) -> None:
         stale.unlink(missing_ok=True)
 
 
-def _encode_logprobs(lp: torch.Tensor, dtype: str) -> bytes:
-    """float32 top-k log-probs as stored: float32 as they are; 16-bit ones clamped to
-    ``LOGPROB_FLOOR`` and rounded once to nearest (bfloat16 as its raw bits)."""
-    lp = lp.detach().to("cpu", torch.float32)
-    if dtype != "float32":
-        lp = lp.clamp(min=LOGPROB_FLOOR).to(torch.float16 if dtype == "float16" else torch.bfloat16)
-        if dtype == "bfloat16":
-            lp = lp.view(torch.int16)
-    return lp.contiguous().numpy().tobytes()
-
-
-def _decode_logprobs(raw: np.ndarray, dtype: str) -> np.ndarray:
-    """Stored log-probs back to float32 (exact: every stored value is a float32 value)."""
-    if dtype == "bfloat16":
-        return (raw.astype(np.uint32) << 16).view(np.float32)
-    return raw.astype(np.float32)
-
-
-def _encode_ids(idx: torch.Tensor, dtype: str, vocab: int) -> bytes:
-    if dtype == "uint16" and vocab > UINT16_VOCAB:
-        raise ValueError(f"teacher cache: the teacher has {vocab} logits per position, more than uint16 ids hold; "
-                         "the entry was created for a vocabulary of at most 65536")
-    return idx.detach().to("cpu", torch.int32).contiguous().numpy().astype(INDEX_DTYPES[dtype][1]).tobytes()
-
-
 def _write_part(entry: Path, index: dict, p: int, blocks, teacher_logits_fn, batch_size: int) -> int:
     """Run the teacher over part ``p`` in batches of ``batch_size`` and write its three files,
     the marker last. Returns the number of teacher forwards."""
@@ -265,13 +221,13 @@ def _write_part(entry: Path, index: dict, p: int, blocks, teacher_logits_fn, bat
         logits = teacher_logits_fn(blocks[s : min(s + batch_size, stop)])
         forwards += 1
         lp, idx = teacher_topk(logits, k=k, temperature=temperature)
-        lp_chunks.append(_encode_logprobs(lp, index["logprobs_dtype"]))
-        idx_chunks.append(_encode_ids(idx, index["indices_dtype"], logits.shape[-1]))
+        lp_chunks.append(encode_logprobs(lp, index["logprobs_dtype"]))
+        idx_chunks.append(encode_ids(idx, index["indices_dtype"], logits.shape[-1]))
         lp_hash.update(lp_chunks[-1])
         idx_hash.update(idx_chunks[-1])
         del logits, lp, idx
     name = _part_name(p)
-    (lp_suffix, _), (idx_suffix, _) = _files(index)
+    (lp_suffix, _), (idx_suffix, _) = file_suffixes(index)
     _write_data(entry / f"{name}.{lp_suffix}", lp_chunks)
     _write_data(entry / f"{name}.{idx_suffix}", idx_chunks)
     fsync_dir(entry)
@@ -306,7 +262,7 @@ class TeacherTopkCache:
             shape = (stop - start, *self.index["shape"][1:])
             name = _part_name(p)
             self._parts[p] = tuple(np.memmap(self.path / f"{name}.{suffix}", dtype=dt, mode="r", shape=shape)
-                                   for suffix, dt in _files(self.index))
+                                   for suffix, dt in file_suffixes(self.index))
         return self._parts[p]
 
     def get(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -322,7 +278,7 @@ class TeacherTopkCache:
             sel = np.nonzero(parts == p)[0]
             local = r[sel] - p * self.index["part_size"]
             lp_mm, idx_mm = self._part(p)
-            lp[sel] = _decode_logprobs(lp_mm[local], self.index["logprobs_dtype"])
+            lp[sel] = decode_logprobs(lp_mm[local], self.index["logprobs_dtype"])
             idx[sel] = idx_mm[local]
         return torch.from_numpy(lp), torch.from_numpy(idx)
 
@@ -331,7 +287,7 @@ class TeacherTopkCache:
         for p in range(self.index["num_parts"]):
             name = _part_name(p)
             marker = json.loads((self.path / f"{name}.json").read_text())
-            for (suffix, _), field in zip(_files(self.index), ("logprobs_sha256", "indices_sha256")):
+            for (suffix, _), field in zip(file_suffixes(self.index), ("logprobs_sha256", "indices_sha256")):
                 if hashlib.sha256((self.path / f"{name}.{suffix}").read_bytes()).hexdigest() != marker[field]:
                     return False
         return True
