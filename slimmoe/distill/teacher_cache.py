@@ -69,7 +69,6 @@ FORMAT = "slimmoe-teacher-topk/3"  # /3: 16-bit log-probs and ids; /2: float32 +
 PART_SIZE = 256  # blocks per part: at seq 4096, k 8, 32 MiB of data per part in float16
 
 
-
 # ---------------------------------------------------------------------------------------------
 # fingerprints and key
 
