@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-quality bench-scale ablation constraints clean
+.PHONY: install demo test bench bench-cache bench-quality bench-scale ablation constraints clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,6 +28,9 @@ bench: $(STAMP)
 
 bench-scale: $(STAMP)  # FSDP2 vs DDP at 2 processes: state and peak memory per rank, step time (~3 min on 2 cores)
 	$(BIN)/python bench/scale.py
+
+bench-cache: $(STAMP)  # float16 vs float32 teacher cache vs live teacher, 2 seeds (a few minutes on 2 cores)
+	$(BIN)/python bench/teacher_cache.py
 
 bench-quality: $(STAMP)  # the ablation on the demo teacher, 3 seeds (~20+ min on 2 cores; needs `make demo` first)
 	$(BIN)/python bench/quality.py

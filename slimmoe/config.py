@@ -296,6 +296,9 @@ class DistillConfig(StrictModel):
     experts_implementation: Literal["auto", "eager", "batched_mm", "grouped_mm"] = Field(
         "auto", description="transformers' experts kernel; auto = fastest measured on the device")
     teacher_cache_dir: Path | None = Field(None, description="folder caching the teacher's top-k outputs (off when unset)")
+    teacher_cache_dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="how the teacher cache stores top-k log-probs (rounded once from float32; ids take "
+        "uint16 up to 65536 tokens): float16 = 32 B/token at topk 8")
     teacher_device_map: str | None = Field(None, description="e.g. 'auto' to spread a large teacher")
     sharding: Literal["fsdp", "ddp", "none"] | None = Field(
         None, description="how processes share the student: fsdp (FSDP2, sharded), ddp (replicated), none "

@@ -191,8 +191,22 @@ def test_phi_at_8_x_80gib_matches_the_hand_computation(tmp_path, capsys):
     assert out["teacher"]["steps"]["evaluate"]["fits"] is True
     assert out["stages"][0]["steps"]["distill"]["fits"] is True
     disk = out["stages"][1]["disk_bytes"]
-    assert out["data"]["train_blocks"] == 20 and disk["teacher_cache"] == 20 * T * 8 * (4 + 4)
+    # teacher cache: 8 float16 log-probs (2 B) and 8 uint16 ids (2 B: vocab 32,064 <= 65,536) per token
+    assert out["data"]["train_blocks"] == 20 and disk["teacher_cache"] == 20 * T * 8 * (2 + 2)
+    assert out["disk"]["teacher_cache_bytes_per_million_tokens"] == {"tiny": 8 * (2 + 2) * 10**6}
     assert disk["model"] == disk["pruned"] == 2 * TINY[0] and disk["checkpoints"] == 0
+
+
+def test_teacher_cache_disk_follows_its_dtypes(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from slimmoe.pipeline.disk import cache_bytes_per_token
+
+    out = plan_json(capsys, phi_pipeline(tmp_path), "--set", "stages.1.distill.teacher_cache_dtype=float32")
+    assert out["stages"][1]["disk_bytes"]["teacher_cache"] == 20 * T * 8 * (4 + 2)  # float32, uint16 ids
+    for dtype, vocab, want in (("bfloat16", 65_536, 2 + 2), ("float16", 65_537, 2 + 4), ("float16", 151_936, 2 + 4),
+                               ("float32", 151_936, 4 + 4)):
+        assert cache_bytes_per_token(SimpleNamespace(topk=8, teacher_cache_dtype=dtype), vocab) == 8 * want
 
 
 def test_text_report_names_every_step_and_verdict(tmp_path, capsys):

@@ -27,18 +27,21 @@ SEQ = 16
 
 
 def test_cache_on_and_off_give_identical_students(tmp_path):
+    """A float32 cache (values bit for bit as the teacher's float32 top-k) trains the same student."""
     teacher, train = tiny_phimoe(0, scale=1.0), random_blocks(VOCAB, 48, SEQ, seed=0)
     kw = {"tokens": 12 * 8 * SEQ, "batch_size": 8, "micro_batch_size": 4, "lr": 3e-3, "progress": False}
     distill(tiny_phimoe(1), teacher, tmp_path / "live", train, **kw)
     cache = tmp_path / "cache"
+    kw["teacher_cache_dtype"] = "float32"
     distill(tiny_phimoe(1), teacher, tmp_path / "cached", train, teacher_cache_dir=cache, **kw)
     entries = [p for p in cache.iterdir() if not p.name.startswith(".")]
     assert len(entries) == 1 and (entries[0] / INDEX_FILE).is_file()
     index = json.loads((entries[0] / INDEX_FILE).read_text())
     assert index["shape"] == [48, SEQ, 8] and index["teacher_fingerprint"] == teacher_fingerprint(teacher)
     assert index["teacher_fingerprint"] == fingerprint_model(teacher)
+    assert (index["logprobs_dtype"], index["indices_dtype"]) == ("float32", "uint16")  # vocab 128
     assert sorted(p.name for p in entries[0].glob("part-*")) == [  # 48 blocks: one part of the default size
-        "part-000000.indices.i32", "part-000000.json", "part-000000.logprobs.f32"]
+        "part-000000.indices.u16", "part-000000.json", "part-000000.logprobs.f32"]
     # identical up to float reassociation: the live teacher sees other batch compositions than
     # the cache builder, which changes tokens-per-expert matmul shapes (differences ~1e-8)
     live, cached = load_params(tmp_path / "live"), load_params(tmp_path / "cached")
@@ -68,8 +71,8 @@ def test_cache_contents_and_key(tmp_path):
     def run(ids):
         return teacher(input_ids=ids).logits
 
-    def build_or_open(cache_dir, blocks, fn, **key):  # 4 parts of 3, 3, 3 and 1 blocks
-        return build(cache_dir, blocks, fn, topo=Topology(), part_size=3, **key)
+    def build_or_open(cache_dir, blocks, fn, **key):  # 4 parts of 3, 3, 3 and 1 blocks, float32: exact
+        return build(cache_dir, blocks, fn, topo=Topology(), part_size=3, logprobs_dtype="float32", **key)
 
     c = build_or_open(tmp_path, blocks, run, teacher_fp=fp, k=4, temperature=2.0, batch_size=2)
     with torch.no_grad():

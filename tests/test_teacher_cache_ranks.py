@@ -61,7 +61,8 @@ def _main(argv: list[str]) -> None:
         return teacher(input_ids=ids).logits
 
     key = {"teacher_fp": teacher_fingerprint(teacher), "k": K, "temperature": TEMP}
-    build(args.out / "cache", blocks, run, batch_size=BATCH, topo=topo, part_size=PART, lockstep=args.lockstep, **key)
+    build(args.out / "cache", blocks, run, batch_size=BATCH, topo=topo, part_size=PART, lockstep=args.lockstep,
+          vocab_size=VOCAB, **key)
     assert find_complete(args.out / "cache", blocks, topo=topo, **key) is not None  # collective, same on every rank
     (args.out / f"calls-{args.tag}-{topo.rank}.json").write_text(json.dumps(calls))
     if torch.distributed.is_initialized():
@@ -106,7 +107,7 @@ def test_two_ranks_write_the_same_entry_as_one(tmp_path):
     assert lock.returncode == 0, lock.stderr[-3000:]
     a = _files(_entry(tmp_path / "one"))
     assert sorted(a) == [INDEX_FILE] + sorted(f"part-{p:06d}.{s}" for p in range(5)
-                                              for s in ("indices.i32", "json", "logprobs.f32"))
+                                              for s in ("indices.u16", "json", "logprobs.f16"))
     assert _entry(tmp_path / "two").name == _entry(tmp_path / "one").name
     assert _files(_entry(tmp_path / "two")) == a and _files(_entry(tmp_path / "lock")) == a
     index = json.loads(a[INDEX_FILE])
@@ -133,8 +134,8 @@ def test_resume_after_kill_recomputes_only_missing_parts(tmp_path):
     # killed between part 2's data files and its marker: part 2 does not count as done
     r = _run(tmp_path, out, crash="teacher_cache:data:part=2", tag="second")
     assert r.returncode == -9, r.stderr[-3000:]
-    assert (_entry(out) / "part-000002.logprobs.f32").is_file() and not (_entry(out) / "part-000002.json").exists()
-    (_entry(out) / ".part-000003.logprobs.f32.tmp-99999").write_bytes(b"half")  # a writer killed mid-file
+    assert (_entry(out) / "part-000002.logprobs.f16").is_file() and not (_entry(out) / "part-000002.json").exists()
+    (_entry(out) / ".part-000003.logprobs.f16.tmp-99999").write_bytes(b"half")  # a writer killed mid-file
     r = _run(tmp_path, out, tag="resumed")
     assert r.returncode == 0, r.stderr[-3000:]
     assert _calls(out, "resumed") == _first_ids(blocks, [2, 3, 4])  # parts 0 and 1 were not recomputed
@@ -178,7 +179,7 @@ def test_find_complete_missing_partial_complete(tmp_path):
     assert find_complete(tmp_path, blocks, data_fp=fingerprint_blocks(blocks), **key) is not None
     entry = cache.path
     # a marker gone, a data file short, the index gone: each makes the entry partial
-    for broken in ("part-000003.json", "part-000004.indices.i32", INDEX_FILE):
+    for broken in ("part-000003.json", "part-000004.indices.i32", INDEX_FILE):  # vocab unknown: int32 ids
         saved = (entry / broken).read_bytes()
         if broken.endswith(".i32"):
             (entry / broken).write_bytes(saved[:-4])

@@ -154,7 +154,8 @@ def find_cache(cfg: DistillConfig, teacher, train_blocks: torch.Tensor):
     if cfg.teacher_cache_dir is None or cfg.loss not in CACHEABLE or teacher is None:
         return None
     return teacher_cache.find_complete(cfg.teacher_cache_dir, train_blocks, teacher_fp=teacher_fingerprint(teacher),
-                                       k=cfg.topk, temperature=cfg.temperature, topo=topology())
+                                       k=cfg.topk, temperature=cfg.temperature,
+                                       logprobs_dtype=cfg.teacher_cache_dtype, topo=topology())
 
 
 def build_cache(cfg: DistillConfig, teacher, t_model: PreTrainedModel, train_blocks: torch.Tensor, micro: int,
@@ -163,4 +164,5 @@ def build_cache(cfg: DistillConfig, teacher, t_model: PreTrainedModel, train_blo
     forwards are collective too, so the ranks run them in lockstep."""
     return teacher_cache.build(cfg.teacher_cache_dir, train_blocks, lambda ids: Teacher(t_model).logits(ids, rt.device),
                                teacher_fp=teacher_fingerprint(teacher), k=cfg.topk, temperature=cfg.temperature,
+                               logprobs_dtype=cfg.teacher_cache_dtype, vocab_size=t_model.config.vocab_size,
                                batch_size=micro, topo=topology(), lockstep=rt.sharding == "fsdp")

@@ -2,18 +2,27 @@
 
 When the same packed data is distilled more than once (several stages, several epochs,
 ablations) the teacher's output never changes, so it is computed once per key and read back
-afterwards. The key hashes (teacher fingerprint, data fingerprint, k, temperature); the
-teacher fingerprint of a checkpoint folder is computed from its files
+afterwards. The key hashes (format, teacher fingerprint, data fingerprint, k, temperature,
+log-prob dtype); the teacher fingerprint of a checkpoint folder is computed from its files
 (:func:`teacher_fingerprint`), so a run can find a complete entry (:func:`find_complete`)
 without loading the teacher at all.
 
 Layout of one entry ``<cache_dir>/<key>/``::
 
-    index.json                  shape [N, T, k], dtypes, the key's parts, num_parts, part_size
-    part-000000.logprobs.f32    raw float32 [rows, T, k], rows = part_size (the last part: the rest)
-    part-000000.indices.i32     raw int32   [rows, T, k]
+    index.json                  shape [N, T, k], both dtypes, the key's parts, num_parts, part_size
+    part-000000.logprobs.f16    raw [rows, T, k] log-probs, rows = part_size (the last part: the rest);
+                                .f16 float16 (default), .bf16 bfloat16 bits, .f32 float32
+    part-000000.indices.u16     raw [rows, T, k] token ids: .u16 uint16 when the vocabulary has at
+                                most 65536 entries, else .i32 int32
     part-000000.json            the part's completion marker: rows and sha256 of both data files
     part-000001.* ...
+
+Size: k x (2 + 2) B per token in float16 / bfloat16 up to 65536 ids (32 B at k = 8), k x (2 + 4)
+above, k x (4 + 4) in float32. Precision (:mod:`slimmoe.distill.topk_codec`): the float32
+log-softmax is clamped at -1e4 and rounded once to nearest; a probability's relative error is
+|log p| x 2^-11 in float16 (2^-8 bfloat16); float32 mode stores today's values bit for bit.
+Reads convert only the rows asked for to float32 / int64. Format 2 (float32 + int32) entries
+have other keys: they are not found and are rebuilt (delete their folders by hand).
 
 Blocks are split into parts of ``part_size`` rows, a number that does not depend on the
 world size, and rank r computes the parts p with ``p % world == r`` (:func:`build`). The
@@ -37,6 +46,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from slimmoe.distill.topk_codec import (  # noqa: F401 - LOGPROB_FLOOR, bytes_per_token: part of this API
+    INDEX_DTYPES,
+    LOGPROB_DTYPES,
+    LOGPROB_FLOOR,
+    bytes_per_token,
+    decode_logprobs,
+    encode_ids,
+    encode_logprobs,
+    file_suffixes,
+    index_dtype,
+)
 from slimmoe.faults import crash_point
 from slimmoe.io.atomic import atomic_write_text, fsync_dir
 from slimmoe.io.fingerprint import folder_fingerprint
@@ -45,20 +65,29 @@ from slimmoe.parallel import Topology, topology
 from slimmoe.parallel import barrier as dist_barrier
 
 INDEX_FILE = "index.json"
-FORMAT = "slimmoe-teacher-topk/2"  # parts; /1 was one pair of memmaps built by rank 0
-PART_SIZE = 256  # blocks per part: at seq 4096, k 8, 64 MiB of data per part
-_LP, _IDX = "logprobs.f32", "indices.i32"
+FORMAT = "slimmoe-teacher-topk/3"  # /3: 16-bit log-probs and ids; /2: float32 + int32 parts; /1: rank 0 only
+PART_SIZE = 256  # blocks per part: at seq 4096, k 8, 32 MiB of data per part in float16
 
 
 # ---------------------------------------------------------------------------------------------
 # fingerprints and key
 
 
-def fingerprint_blocks(blocks: torch.Tensor) -> str:
-    """Content hash of a token block tensor (shape and values)."""
-    h = hashlib.sha256(str(tuple(blocks.shape)).encode())
-    h.update(blocks.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
-    return h.hexdigest()[:32]
+def fingerprint_blocks(blocks) -> str:
+    """Content hash of token blocks. A tensor: of its shape and values. Any other block source
+    (a lazy reader with ``shape``, slicing and a ``fingerprint`` of exactly those blocks): of its
+    shape and ``fingerprint``, without reading a token. (So a tensor and a reader of the same
+    tokens key different cache entries.)"""
+    if isinstance(blocks, torch.Tensor):
+        h = hashlib.sha256(str(tuple(blocks.shape)).encode())
+        h.update(blocks.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+        return h.hexdigest()[:32]
+    fp = getattr(blocks, "fingerprint", None)
+    if not isinstance(fp, str) or not fp:
+        raise TypeError(f"teacher cache: blocks of type {type(blocks).__name__} are neither a tensor nor have a "
+                        "'fingerprint' string")
+    raw = json.dumps(["blocks", [int(d) for d in blocks.shape], fp])
+    return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 
 def fingerprint_model(model: torch.nn.Module) -> str:
@@ -93,25 +122,29 @@ def teacher_fingerprint(teacher: str | Path | torch.nn.Module, *, dtype: str | t
     return fp
 
 
-def cache_key(teacher_fp: str, data_fp: str, k: int, temperature: float) -> str:
-    raw = json.dumps([FORMAT, teacher_fp, data_fp, int(k), float(temperature)])
+def cache_key(teacher_fp: str, data_fp: str, k: int, temperature: float, logprobs_dtype: str = "float16") -> str:
+    raw = json.dumps([FORMAT, teacher_fp, data_fp, int(k), float(temperature), logprobs_dtype])
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
 
 
-def _entry(cache_dir, blocks: torch.Tensor, teacher_fp: str, data_fp: str | None, k: int,
-           temperature: float, part_size: int = PART_SIZE) -> tuple[Path, dict]:
-    """The entry folder of this key and the index a new entry gets."""
-    if blocks.dim() != 2:
+def _entry(cache_dir, blocks, teacher_fp: str, data_fp: str | None, k: int, temperature: float,
+           logprobs_dtype: str, vocab_size: int | None, part_size: int = PART_SIZE) -> tuple[Path, dict]:
+    """The entry folder of this key and the index a new entry gets (``indices_dtype`` None when
+    the vocabulary is not known: any recorded one is accepted)."""
+    if len(blocks.shape) != 2:
         raise ValueError(f"teacher cache: blocks must be [N, seq_len], got shape {tuple(blocks.shape)}")
     if part_size < 1:
         raise ValueError(f"teacher cache: part_size must be >= 1, got {part_size}")
+    if logprobs_dtype not in LOGPROB_DTYPES:
+        raise ValueError(f"teacher_cache_dtype: {logprobs_dtype!r} is not one of {', '.join(LOGPROB_DTYPES)}")
     data_fp = data_fp or fingerprint_blocks(blocks)
-    n, seq_len = blocks.shape
-    index = {"format": FORMAT, "shape": [int(n), int(seq_len), int(k)], "logprobs_dtype": "float32",
-             "indices_dtype": "int32", "teacher_fingerprint": teacher_fp, "data_fingerprint": data_fp,
+    n, seq_len = (int(d) for d in blocks.shape)
+    index = {"format": FORMAT, "shape": [n, seq_len, int(k)], "logprobs_dtype": logprobs_dtype,
+             "indices_dtype": None if vocab_size is None else index_dtype(vocab_size),
+             "teacher_fingerprint": teacher_fp, "data_fingerprint": data_fp,
              "k": int(k), "temperature": float(temperature), "part_size": int(part_size),
              "num_parts": math.ceil(n / part_size)}
-    return Path(cache_dir) / cache_key(teacher_fp, data_fp, k, temperature), index
+    return Path(cache_dir) / cache_key(teacher_fp, data_fp, k, temperature, logprobs_dtype), index
 
 
 _KEYED = ("format", "shape", "logprobs_dtype", "indices_dtype", "teacher_fingerprint", "data_fingerprint",
@@ -124,7 +157,9 @@ def _read_index(entry: Path, expected: dict) -> dict | None:
         index = json.loads((entry / INDEX_FILE).read_text())
     except (OSError, ValueError):
         return None
-    if any(index.get(f) != expected[f] for f in _KEYED) or index.get("part_size", 0) < 1:
+    if any(index.get(f) != expected[f] for f in _KEYED if expected[f] is not None) or index.get("part_size", 0) < 1:
+        return None
+    if index.get("logprobs_dtype") not in LOGPROB_DTYPES or index.get("indices_dtype") not in INDEX_DTYPES:
         return None
     if index.get("num_parts") != math.ceil(index["shape"][0] / index["part_size"]):
         return None
@@ -155,9 +190,10 @@ def _part_complete(entry: Path, index: dict, p: int) -> bool:
     start, stop = _part_rows(index, p)
     if marker.get("part") != p or marker.get("rows") != [start, stop]:
         return False
-    nbytes = (stop - start) * index["shape"][1] * index["shape"][2] * 4
+    values = (stop - start) * index["shape"][1] * index["shape"][2]
     try:
-        return all((entry / f"{name}.{suffix}").stat().st_size == nbytes for suffix in (_LP, _IDX))
+        return all((entry / f"{name}.{suffix}").stat().st_size == values * dt.itemsize
+                   for suffix, dt in file_suffixes(index))
     except OSError:
         return False
 
@@ -173,8 +209,7 @@ def _write_data(path: Path, chunks: list[bytes]) -> None:
         stale.unlink(missing_ok=True)
 
 
-def _write_part(entry: Path, index: dict, p: int, blocks: torch.Tensor, teacher_logits_fn,
-                batch_size: int) -> int:
+def _write_part(entry: Path, index: dict, p: int, blocks, teacher_logits_fn, batch_size: int) -> int:
     """Run the teacher over part ``p`` in batches of ``batch_size`` and write its three files,
     the marker last. Returns the number of teacher forwards."""
     start, stop = _part_rows(index, p)
@@ -185,14 +220,15 @@ def _write_part(entry: Path, index: dict, p: int, blocks: torch.Tensor, teacher_
         logits = teacher_logits_fn(blocks[s : min(s + batch_size, stop)])
         forwards += 1
         lp, idx = teacher_topk(logits, k=k, temperature=temperature)
-        lp_chunks.append(lp.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        idx_chunks.append(idx.detach().to("cpu", torch.int32).contiguous().numpy().tobytes())
+        lp_chunks.append(encode_logprobs(lp, index["logprobs_dtype"]))
+        idx_chunks.append(encode_ids(idx, index["indices_dtype"], logits.shape[-1]))
         lp_hash.update(lp_chunks[-1])
         idx_hash.update(idx_chunks[-1])
         del logits, lp, idx
     name = _part_name(p)
-    _write_data(entry / f"{name}.{_LP}", lp_chunks)
-    _write_data(entry / f"{name}.{_IDX}", idx_chunks)
+    (lp_suffix, _), (idx_suffix, _) = file_suffixes(index)
+    _write_data(entry / f"{name}.{lp_suffix}", lp_chunks)
+    _write_data(entry / f"{name}.{idx_suffix}", idx_chunks)
     fsync_dir(entry)
     crash_point("teacher_cache:data", part=p)  # data renamed into place, marker not yet written
     marker = {"part": p, "rows": [start, stop],
@@ -208,7 +244,8 @@ def _write_part(entry: Path, index: dict, p: int, blocks: torch.Tensor, teacher_
 
 
 class TeacherTopkCache:
-    """Read-only view of one complete cache entry; each part's files are memory-mapped on first use."""
+    """Read-only view of one complete cache entry; each part's files are memory-mapped on first
+    use, and only the rows asked for are read and converted (to float32 and int64)."""
 
     def __init__(self, path: Path, index: dict | None = None):
         self.path = Path(path)
@@ -223,8 +260,8 @@ class TeacherTopkCache:
             start, stop = _part_rows(self.index, p)
             shape = (stop - start, *self.index["shape"][1:])
             name = _part_name(p)
-            self._parts[p] = (np.memmap(self.path / f"{name}.{_LP}", dtype=np.float32, mode="r", shape=shape),
-                              np.memmap(self.path / f"{name}.{_IDX}", dtype=np.int32, mode="r", shape=shape))
+            self._parts[p] = tuple(np.memmap(self.path / f"{name}.{suffix}", dtype=dt, mode="r", shape=shape)
+                                   for suffix, dt in file_suffixes(self.index))
         return self._parts[p]
 
     def get(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,21 +271,22 @@ class TeacherTopkCache:
         if r.size and (r.min() < 0 or r.max() >= n):
             raise IndexError(f"teacher cache {self.path}: rows must be in 0..{n - 1}")
         lp = np.empty((r.size, seq_len, k), dtype=np.float32)
-        idx = np.empty((r.size, seq_len, k), dtype=np.int32)
+        idx = np.empty((r.size, seq_len, k), dtype=np.int64)
         parts = r // self.index["part_size"]
         for p in np.unique(parts).tolist():
             sel = np.nonzero(parts == p)[0]
             local = r[sel] - p * self.index["part_size"]
             lp_mm, idx_mm = self._part(p)
-            lp[sel], idx[sel] = lp_mm[local], idx_mm[local]
-        return torch.from_numpy(lp), torch.from_numpy(idx).long()
+            lp[sel] = decode_logprobs(lp_mm[local], self.index["logprobs_dtype"])
+            idx[sel] = idx_mm[local]
+        return torch.from_numpy(lp), torch.from_numpy(idx)
 
     def verify(self) -> bool:
         """Re-hash every part's data against its marker (reads the whole entry)."""
         for p in range(self.index["num_parts"]):
             name = _part_name(p)
             marker = json.loads((self.path / f"{name}.json").read_text())
-            for suffix, field in ((_LP, "logprobs_sha256"), (_IDX, "indices_sha256")):
+            for (suffix, _), field in zip(file_suffixes(self.index), ("logprobs_sha256", "indices_sha256")):
                 if hashlib.sha256((self.path / f"{name}.{suffix}").read_bytes()).hexdigest() != marker[field]:
                     return False
         return True
@@ -271,18 +309,20 @@ def _all_reduce_int(value: int, op, topo: Topology | None) -> int:
     return int(t.item())
 
 
-def find_complete(cache_dir, blocks: torch.Tensor, *, teacher_fp: str, k: int, temperature: float,
-                  data_fp: str | None = None, topo: Topology | None = None) -> TeacherTopkCache | None:
+def find_complete(cache_dir, blocks, *, teacher_fp: str, k: int, temperature: float,
+                  logprobs_dtype: str = "float16", vocab_size: int | None = None, data_fp: str | None = None,
+                  topo: Topology | None = None) -> TeacherTopkCache | None:
     """The entry of this key, opened, if its index and every part's marker are there; else None.
 
     Reads only small files (index.json, the part markers, ``stat`` of the data files).
-    ``data_fp``, when given, replaces hashing ``blocks``. With ``topo`` of more than one
+    ``data_fp``, when given, replaces hashing ``blocks``; ``vocab_size``, when given, must
+    match the entry's id dtype (else any is accepted). With ``topo`` of more than one
     process this is a collective (every rank calls it) and the answer is the same on every
     rank: the cache only when every rank found it complete. Without ``topo`` each rank
     decides alone, which can differ between ranks while another rank is already building,
     so a multi-process caller that decides whether to call :func:`build` must pass ``topo``.
     """
-    entry, expected = _entry(cache_dir, blocks, teacher_fp, data_fp, k, temperature)
+    entry, expected = _entry(cache_dir, blocks, teacher_fp, data_fp, k, temperature, logprobs_dtype, vocab_size)
     cache = _open_if_complete(entry, expected)
     if _all_reduce_int(int(cache is not None), dist.ReduceOp.MIN, topo) == 0:
         return None
@@ -293,9 +333,10 @@ def find_complete(cache_dir, blocks: torch.Tensor, *, teacher_fp: str, k: int, t
 # building
 
 
-def build(cache_dir, blocks: torch.Tensor, teacher_logits_fn: Callable[[torch.Tensor], torch.Tensor], *,
+def build(cache_dir, blocks, teacher_logits_fn: Callable[[torch.Tensor], torch.Tensor], *,
           teacher_fp: str, k: int, temperature: float, batch_size: int, topo: Topology,
-          data_fp: str | None = None, part_size: int = PART_SIZE, lockstep: bool = False,
+          logprobs_dtype: str = "float16", vocab_size: int | None = None, data_fp: str | None = None,
+          part_size: int = PART_SIZE, lockstep: bool = False,
           barrier: Callable[[], None] | None = None) -> TeacherTopkCache:
     """Build (or finish) the entry of this key and open it. Collective: every rank calls it
     with the same ``blocks`` (all of them, not a rank's share).
@@ -304,6 +345,10 @@ def build(cache_dir, blocks: torch.Tensor, teacher_logits_fn: Callable[[torch.Te
     the parts p with ``p % topo.world == topo.rank`` that have no marker yet, then waits at
     one barrier (``barrier``, default torch.distributed's) for the others, then opens the
     whole entry. ``part_size`` applies to a new entry; a partial one keeps its own.
+    ``logprobs_dtype`` (part of the key) is how log-probs are stored; ``vocab_size`` (the
+    teacher's logits per position) picks the ids' dtype of a new entry: uint16 up to 65536,
+    else int32 (int32 too when None). ``blocks`` is a [N, T] tensor or any object with
+    ``shape``, slicing to int64 tensors and a ``fingerprint`` (:func:`fingerprint_blocks`).
 
     A teacher that fits one device is replicated per rank: its forwards are independent,
     and no collective runs before the final barrier. A sharded teacher's forward (FSDP) is
@@ -314,12 +359,15 @@ def build(cache_dir, blocks: torch.Tensor, teacher_logits_fn: Callable[[torch.Te
     """
     if batch_size < 1:
         raise ValueError(f"teacher cache: batch_size must be >= 1, got {batch_size}")
-    entry, index = _entry(cache_dir, blocks, teacher_fp, data_fp, k, temperature, part_size)
+    entry, index = _entry(cache_dir, blocks, teacher_fp, data_fp, k, temperature, logprobs_dtype, vocab_size,
+                          part_size)
     entry.mkdir(parents=True, exist_ok=True)
     existing = _read_index(entry, index)
-    if existing is not None:  # a partial entry keeps its part size
+    if existing is not None:  # a partial entry keeps its part size (and, without vocab_size, its id dtype)
         index = existing
-    elif topo.is_main:  # one writer: rank 0
+    elif index["indices_dtype"] is None:
+        index["indices_dtype"] = "int32"
+    if existing is None and topo.is_main:  # one writer: rank 0
         atomic_write_text(entry / INDEX_FILE, json.dumps(index, indent=1, sort_keys=True) + "\n")
         fsync_dir(entry)
     todo = [p for p in range(topo.rank, index["num_parts"], topo.world) if not _part_complete(entry, index, p)]
@@ -340,10 +388,11 @@ def build(cache_dir, blocks: torch.Tensor, teacher_logits_fn: Callable[[torch.Te
     return cache
 
 
-def open_shared(cache_dir: Path, blocks: torch.Tensor, teacher_logits_fn, *, is_main: bool,
+def open_shared(cache_dir: Path, blocks, teacher_logits_fn, *, is_main: bool,
                 barrier: Callable[[], None], **key) -> TeacherTopkCache:
     """Compatibility wrapper (collective): open the complete entry, or build it with every rank.
-    ``is_main`` is implied by the process group; ``key`` holds teacher_fp, k, temperature, batch_size."""
+    ``is_main`` is implied by the process group; ``key`` holds teacher_fp, k, temperature, batch_size
+    and optionally logprobs_dtype, vocab_size."""
     topo = topology()
     batch_size = key.pop("batch_size")
     cache = find_complete(cache_dir, blocks, topo=topo, **key)

@@ -21,6 +21,8 @@ BYTES_PER_TOKEN = 4
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl", ".json")
 TOKEN_BYTES = 8  # prepared blocks are int64 token ids
 CHECKPOINT_BYTES_PER_PARAM = 12  # fp32 weights + AdamW exp_avg and exp_avg_sq
+CACHE_LOGPROB_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}  # distill.teacher_cache_dtype
+UINT16_VOCAB = 1 << 16  # the teacher cache stores ids as uint16 up to this vocabulary, else int32
 MILLION = 1_000_000
 
 
@@ -92,8 +94,15 @@ def distill_disk(s, d) -> dict[str, int]:
     return {"checkpoints": ckpt, "best": best, "model": P * s.dtype_bytes}
 
 
-def cache_bytes(data: DataEstimate, topk: int) -> int | None:
-    return None if data.train_blocks is None else data.train_blocks * data.seq_len * topk * 8
+def cache_bytes_per_token(d, vocab: int) -> int:
+    """The teacher top-k cache per training token (slimmoe.distill.teacher_cache, format 3): topk
+    log-probs in ``d.teacher_cache_dtype`` and topk ids (2 B up to 65536 tokens, else 4)."""
+    return d.topk * (CACHE_LOGPROB_BYTES[d.teacher_cache_dtype] + (2 if vocab <= UINT16_VOCAB else 4))
+
+
+def cache_bytes(data: DataEstimate, d, vocab: int) -> int | None:
+    """The teacher cache of every training block, for the distill config ``d``."""
+    return None if data.train_blocks is None else data.train_blocks * data.seq_len * cache_bytes_per_token(d, vocab)
 
 
 def stage_disk(source, shape, stage, data: DataEstimate, new_cache: bool) -> dict[str, int | None]:
@@ -105,7 +114,7 @@ def stage_disk(source, shape, stage, data: DataEstimate, new_cache: bool) -> dic
         return {**out, "pruned": 0, "teacher_cache": 0, "checkpoints": 0, "best": 0,
                 "model": shape.params * shape.dtype_bytes}
     out["pruned"] = shape.params * source.dtype_bytes
-    out["teacher_cache"] = cache_bytes(data, d.topk) if new_cache else 0
+    out["teacher_cache"] = cache_bytes(data, d, shape.vocab) if new_cache else 0
     return {**out, **distill_disk(shape, d)}
 
 
@@ -122,7 +131,9 @@ def pipeline_disk(output_dir, resolved, stages, data: DataEstimate) -> dict:
     known = data_bytes is not None and cache_total is not None
     total = outputs + (data_bytes or 0) + (cache_total or 0)
     free = free_bytes(output_dir)
-    per_million = {s.name: s.distill.topk * 8 * MILLION for s in resolved if s.distill and s.distill.teacher_cache_dir}
+    vocab = {s.name: s.shape.vocab for s in stages}
+    per_million = {s.name: cache_bytes_per_token(s.distill, vocab[s.name]) * MILLION
+                   for s in resolved if s.distill and s.distill.teacher_cache_dir}
     return {"data_bytes": data_bytes, "data_bytes_per_million_tokens": TOKEN_BYTES * MILLION,
             "stage_outputs_bytes": outputs, "teacher_cache_bytes": cache_total,
             "teacher_cache_bytes_per_million_tokens": per_million, "total_bytes": total if known else None,

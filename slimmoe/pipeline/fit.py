@@ -13,7 +13,8 @@ pruned model and the final model (parameters x their dtype), distillation checkp
 their peak ((keep_checkpoints + 1) x 12 B/param: fp32 weights and two AdamW moments;
 only with distill.checkpoint_every), ``best_student.pt`` (4 B/param, with eval_every and
 keep_best), the tokenised data (8 B/token) and the teacher cache (train blocks x
-seq_len x topk x 8 B, once per topk / temperature). See :mod:`slimmoe.pipeline.disk`
+seq_len x topk x (2 or 4 B per log-prob, distill.teacher_cache_dtype, + 2 B per id up to
+65536 tokens, else 4), once per topk / temperature / dtype). See :mod:`slimmoe.pipeline.disk`
 for how the number of training blocks is estimated.
 """
 
@@ -233,7 +234,7 @@ def plan_pipeline(cfg: PipelineConfig, launch: LaunchConfig | None = None, devic
         saved = fp.config_dtype(teacher_cfg) if d is None or d.save_dtype == "auto" else d.save_dtype
         shape = fp.with_dtype(fp.model_shape(current_cfg), current.dtype if d is None else saved)
         steps = [importance_step(current, teacher if i > 0 else None, stage.importance, T, knobs)]
-        cache_key = (str(d.teacher_cache_dir), d.topk, d.temperature) if d and _cached(d) else None
+        cache_key = (str(d.teacher_cache_dir), d.topk, d.temperature, d.teacher_cache_dtype) if d and _cached(d) else None
         cache = None if cache_key is None else "reuse" if cache_key in caches else "build"
         if d is not None:
             if cache == "build":
@@ -323,7 +324,7 @@ def cache_step(s: fp.ModelShape, t: fp.ModelShape, d, seq_len: int, knobs: dict,
 
     kn = {**knobs, "micro": micro, "sharding": d.sharding}
     switches = [("set distill.sharding: fsdp", {"sharding": "fsdp"})] if d.sharding in ("ddp", "none") else []
-    disk = cache_bytes(data, d.topk)
+    disk = cache_bytes(data, d, t.vocab)
     step = Step("teacher_cache", world, estimate(kn), disk, {"micro_batch_size": micro, "seq_len": seq_len,
                                                               "topk": d.topk, "sharding": _sharding(d.sharding, world)})
     return Planned(step, estimate, kn, switches,
