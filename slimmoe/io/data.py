@@ -217,6 +217,15 @@ def _hash_source(h: "hashlib._Hash", source: str | os.PathLike, field: str) -> N
 
         _update(h, f"tokens:{read_index(path)['fingerprint']}")
         return
+    if not path.exists() and any(c in str(source) for c in "*?["):  # a glob (slimmoe tokenize)
+        from slimmoe.io.token_sources import SourceSpec, local_files
+
+        for f in local_files(SourceSpec(str(source)), field):
+            _update(h, f"file:{f.as_posix()}:{f.stat().st_size}")
+            with open(f, "rb") as fh:
+                while chunk := fh.read(_HASH_CHUNK):
+                    h.update(chunk)
+        return
     if not path.exists():
         if _looks_like_path(str(source)):
             raise UserError(f"{field}: no such file or folder: {source}")

@@ -31,6 +31,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from slimmoe.errors import UserError
+from slimmoe.faults import crash_point
 from slimmoe.io.atomic import atomic_write_text, fsync_dir
 from slimmoe.io.data import _check_eval_fraction, _check_seq_len, tokenizer_fingerprint
 from slimmoe.io.token_shards import FORMAT, INDEX_FILE, file_sha256, read_index, verify_shards
@@ -77,11 +78,12 @@ def tokenize_corpus(job: TokenizeJob, out: str | os.PathLike, tokenizer: Any, pr
     eos = getattr(tokenizer, "eos_token_id", None)
     encoder = _Encoder(tokenizer, job.tokenizer_dir, job.num_proc, job.batch_size)
     try:
-        train = _write_stream(out, "train", job.train, job.fields[0], encoder, eos, dtype, shard_tokens,
-                              job.max_tokens, progress)
+        train = _write_stream(out, "train", job.train, job.fields[0], encoder, eos, dtype, job.seq_len,
+                              shard_tokens, job.max_tokens, progress)
         held = None
         if job.eval is not None:
-            held = _write_stream(out, "eval", job.eval, job.fields[1], encoder, eos, dtype, shard_tokens, None, progress)
+            held = _write_stream(out, "eval", job.eval, job.fields[1], encoder, eos, dtype, job.seq_len,
+                                 shard_tokens, None, progress)
     finally:
         encoder.close()
     index = _index(job, tok_fp, vocab, eos, dtype, train, held)
@@ -263,14 +265,14 @@ def shard_name(stream: str, k: int) -> str:
 
 
 def _write_stream(out: Path, stream: str, spec: SourceSpec, field: str, encoder: _Encoder, eos, dtype: str,
-                  shard_tokens: int, max_tokens: int | None, progress: bool) -> list[dict]:
+                  seq_len: int, shard_tokens: int, max_tokens: int | None, progress: bool) -> list[dict]:
     """Write (or finish) the shards of one stream; their markers, in order."""
     from tqdm.auto import tqdm
 
     (out / PROGRESS_DIR).mkdir(exist_ok=True)
     done = _completed_shards(out, stream, dtype)
     if done and done[-1]["next_doc"] is None:  # the stream was finished
-        return done
+        return _fills_a_block(done, field, spec, seq_len)
     _drop_from(out, stream, len(done))
     sink = _ShardSink(out, stream, dtype, shard_tokens, done, max_tokens)
     start_doc, start_off = (done[-1]["next_doc"], done[-1]["next_offset"]) if done else (0, 0)
@@ -294,9 +296,14 @@ def _write_stream(out: Path, stream: str, spec: SourceSpec, field: str, encoder:
             bar.update(seq.size)
             if capped:
                 break
-    shards = sink.finish()
-    if not shards:
-        raise UserError(f"{field}: {spec.source}: no text to tokenise (empty source)")
+    return _fills_a_block(sink.finish(), field, spec, seq_len)
+
+
+def _fills_a_block(shards: list[dict], field: str, spec: SourceSpec, seq_len: int) -> list[dict]:
+    total = sum(s["tokens"] for s in shards)
+    if total < seq_len:  # the message load_blocks gives
+        raise UserError(f"{field}: {spec.source}: corpus has {total} tokens, fewer than seq_len={seq_len} "
+                        "needed for one block")
     return shards
 
 
@@ -328,8 +335,11 @@ class _ShardSink:
             capped = self.max_tokens is not None and self.written >= self.max_tokens
             if self.count == self.shard_tokens or capped:
                 self._close(None if capped else position(i))
+                crash_point("tokenize", shard=len(self.shards) - 1)  # tests: die with this shard complete
                 if capped:
                     return True
+            else:
+                crash_point("tokenize", partial=len(self.shards))  # tests: die with this shard half written
         return False
 
     def finish(self) -> list[dict]:
@@ -391,9 +401,11 @@ def _drop_from(out: Path, stream: str, k: int) -> None:
             f.unlink(missing_ok=True)
 
 
-def write_view(source: str | os.PathLike, out: str | os.PathLike, max_train_blocks: int | None) -> dict[str, Any]:
-    """``out`` as a view of the tokenised folder ``source``: its shards hard-linked (symlinked
-    across file systems), the index with train capped at ``max_train_blocks``."""
+def write_view(source: str | os.PathLike, out: str | os.PathLike, max_train_blocks: int | None,
+               copy_across_devices: bool = False) -> dict[str, Any]:
+    """``out`` as a view of the tokenised folder ``source``: its shards hard-linked (across
+    file systems: copied, or symlinked when ``copy_across_devices`` is false), the index
+    with train capped at ``max_train_blocks``."""
     source, out = Path(source).expanduser().resolve(), Path(out)
     index = read_index(source)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -403,7 +415,10 @@ def write_view(source: str | os.PathLike, out: str | os.PathLike, max_train_bloc
         try:
             os.link(source / shard["file"], tmp / shard["file"])
         except OSError:
-            os.symlink(source / shard["file"], tmp / shard["file"])
+            if copy_across_devices:
+                shutil.copyfile(source / shard["file"], tmp / shard["file"])
+            else:
+                os.symlink(source / shard["file"], tmp / shard["file"])
     train = dict(index["train"])
     if max_train_blocks is not None:
         train["stop"] = min(train["stop"], train["start"] + max_train_blocks)

@@ -4,6 +4,8 @@ The folder is ``slimmoe tokenize``'s output (:mod:`slimmoe.io.token_writer`): fl
 shards plus ``index.json``; later steps read it lazily (:func:`load_prepared`), so memory
 does not grow with the corpus. A ``data.train`` that is already a tokenised folder is
 taken as it is (its shards hard-linked into the step's folder, train capped at max_blocks).
+Text is tokenised once into ``$SLIMMOE_CACHE/tokens/`` (the pre-flight check's tokenisation
+is the flow's) and hard-linked (copied across file systems) into the step's folder.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 import torch
 
 from slimmoe.errors import UserError
-from slimmoe.io.data import data_fingerprint, load_blocks
+from slimmoe.io.data import data_fingerprint, default_cache_dir, load_blocks
 from slimmoe.io.loading import load_tokenizer
 from slimmoe.io.token_shards import INDEX_FILE, is_token_folder, open_splits, read_index
 from slimmoe.io.token_sources import SourceSpec
@@ -31,26 +33,50 @@ def prepare_data(source: str, tokenizer_dir: str, out_dir: str | Path, seq_len: 
     tok = load_tokenizer(tokenizer_dir)
     if tok is None:
         raise UserError(f"teacher: {tokenizer_dir} has no tokenizer; the pipeline tokenises data with it")
-    hub = dict(name=name, split=split, streaming=streaming, data_files=tuple(data_files) if data_files else None)
-    fp = data_fingerprint(source, tok, seq_len, eval_fraction=eval_fraction, eval_path=eval_path,
-                          max_blocks=max_blocks, text_field=text_field)
-    extra = json.dumps({**hub, "data_files": data_files, "max_tokens": max_tokens}, sort_keys=True)
-    fp = hashlib.sha256(f"{fp}|{extra}".encode()).hexdigest()[:24]
+    settings = dict(eval_path=eval_path, eval_fraction=eval_fraction, text_field=text_field, max_blocks=max_blocks,
+                    name=name, split=split, data_files=data_files, streaming=streaming, max_tokens=max_tokens,
+                    num_proc=num_proc)
+    fp = prepared_fingerprint(source, tok, seq_len, **settings)
     folder = Path(out_dir) / f"tokens-{fp}"
     if not (folder / INDEX_FILE).is_file():
         if is_token_folder(source):
             load_blocks(source, tok, seq_len, eval_fraction=eval_fraction, eval_path=eval_path,
                         fields=("data.train", "data.eval"))  # checks seq_len, tokenizer and the held-out split
             write_view(source, folder, max_blocks)
-        else:
-            job = TokenizeJob(train=SourceSpec(str(source), text_field, **hub), tokenizer_dir=str(tokenizer_dir),
-                              seq_len=seq_len, eval=SourceSpec(str(eval_path), text_field) if eval_path else None,
-                              eval_fraction=eval_fraction, max_tokens=max_tokens, max_train_blocks=max_blocks,
-                              num_proc=num_proc, fields=("data.train", "data.eval"))
-            tokenize_corpus(job, folder, tok)
+        else:  # tokenised once into the cache (the pre-flight check fills it), linked here
+            cached = tokenize_cached(source, tok, tokenizer_dir, seq_len, **settings)
+            write_view(cached, folder, None, copy_across_devices=True)
     index = read_index(folder)
     return TokenBlocks(path=str(folder), fingerprint=fp, source=str(source), seq_len=seq_len,
                        train_blocks=int(index["train_blocks"]), eval_blocks=int(index["eval_blocks"]))
+
+
+def prepared_fingerprint(source: str, tok, seq_len: int, eval_path=None, eval_fraction=0.05, text_field="text",
+                         max_blocks=None, name=None, split="train", data_files=None, streaming=False,
+                         max_tokens=None, num_proc: int = 1) -> str:
+    """24 hex digits of everything that determines the prepared blocks (not ``num_proc``)."""
+    fp = data_fingerprint(source, tok, seq_len, eval_fraction=eval_fraction, eval_path=eval_path,
+                          max_blocks=max_blocks, text_field=text_field)
+    extra = json.dumps({"name": name, "split": split, "data_files": data_files, "streaming": streaming,
+                        "max_tokens": max_tokens}, sort_keys=True)
+    return hashlib.sha256(f"{fp}|{extra}".encode()).hexdigest()[:24]
+
+
+def tokenize_cached(source: str, tok, tokenizer_dir: str, seq_len: int, eval_path=None, eval_fraction=0.05,
+                    text_field="text", max_blocks=None, name=None, split="train", data_files=None, streaming=False,
+                    max_tokens=None, num_proc: int = 1) -> Path:
+    """``$SLIMMOE_CACHE/tokens/tokens-<fp>/``, tokenised (or finished) with slimmoe tokenize's writer."""
+    fp = prepared_fingerprint(source, tok, seq_len, eval_path, eval_fraction, text_field, max_blocks, name, split,
+                              data_files, streaming, max_tokens)
+    folder = default_cache_dir().parent / "tokens" / f"tokens-{fp}"
+    if not (folder / INDEX_FILE).is_file():
+        hub = dict(name=name, split=split, streaming=streaming, data_files=tuple(data_files) if data_files else None)
+        job = TokenizeJob(train=SourceSpec(str(source), text_field, **hub), tokenizer_dir=str(tokenizer_dir),
+                          seq_len=seq_len, eval=SourceSpec(str(eval_path), text_field) if eval_path else None,
+                          eval_fraction=eval_fraction, max_tokens=max_tokens, max_train_blocks=max_blocks,
+                          num_proc=num_proc, fields=("data.train", "data.eval"))
+        tokenize_corpus(job, folder, tok)
+    return folder
 
 
 def load_prepared(path: str | Path):
