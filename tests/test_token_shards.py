@@ -117,7 +117,8 @@ def test_distill_and_eval_accept_the_reader(tmp_path, corpus, tok, tok_dir):
     train, held = load_blocks(tmp_path / "t", tok, 16)
     model = tiny_model("phimoe", vocab_size=len(tok))
     validate_inputs(model, None, train, DistillConfig(tokens=64, loss="lm"))
-    assert perplexity(model, held, batch_size=4) == pytest.approx(perplexity(model, held[:], batch_size=4), rel=1e-6)
+    few = train.head(6)
+    assert perplexity(model, few, batch_size=4) == pytest.approx(perplexity(model, few[:], batch_size=4), rel=1e-6)
 
 
 def test_bad_folders_are_refused_naming_the_file_or_field(tmp_path, corpus, tok, tok_dir):

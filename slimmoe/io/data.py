@@ -74,6 +74,9 @@ def load_blocks(
         raise UserError(f"max_blocks: must be a positive integer or None, got {max_blocks!r}")
     if _is_token_folder(source):
         return _token_folder_blocks(source, tokenizer, seq_len, eval_fraction, eval_path, max_blocks, fields)
+    if (Path(source).expanduser() / "tokenize.json").is_file():
+        raise UserError(f"{fields[0]}: {source} is an unfinished slimmoe tokenize folder (no index.json); "
+                        "run the same slimmoe tokenize command again to finish it")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
 
     blocks = _blocks_from(source, fields[0], tokenizer, seq_len, cache, text_field)

@@ -68,6 +68,8 @@ def iter_text_batches(spec: SourceSpec, field: str, cache_dir: str | None = None
         yield from _checked(_open_hub(spec, field, cache_dir), spec.text_field, f"{field}: {spec.source}", batch_size)
         return
     for f in files:
+        if f.stat().st_size == 0:  # no documents (datasets' json reader cannot open an empty file)
+            continue
         builder = _BUILDERS[f.suffix.lower()]
         kwargs = {"sample_by": "document"} if builder == "text" else {}
         ds = _load(builder, f"{field}: {f}", data_files=str(f), split="train", streaming=True, **kwargs)
