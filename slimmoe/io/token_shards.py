@@ -117,7 +117,6 @@ class ShardBlocks:
         self.stop = int(rng["stop"]) if stop is None else stop
         self._np_dtype = DTYPES[index["dtype"]]
         self._shards = _stream_shards(self.folder, index, self.stream, self.seq_len)
-        self._maps: dict[int, np.memmap] = {}
         self.fingerprint = _range_fingerprint(index, self.stream, self.start, self.stop)
 
     # --- the tensor-like interface
@@ -194,22 +193,16 @@ class ShardBlocks:
         firsts = np.array([s.first_block for s in self._shards], dtype=np.int64)
         which = np.searchsorted(firsts, absolute, side="right") - 1
         for k in np.unique(which):
-            sel = np.flatnonzero(which == k)
-            view = self._blocks_view(int(k))
-            out[sel] = view[absolute[sel] - self._shards[k].first_block]  # fancy indexing copies only these rows
+            sel, s = np.flatnonzero(which == k), self._shards[k]
+            # mapped for this read only: the pages it touched leave this process's resident set
+            # when the map is dropped, so the peak follows the rows read, not the corpus
+            shard = np.memmap(s.path, dtype=self._np_dtype, mode="r", shape=(s.blocks * self.seq_len,))
+            out[sel] = shard.reshape(-1, self.seq_len)[absolute[sel] - s.first_block]  # copies these rows only
+            del shard
         return torch.from_numpy(out)
-
-    def _blocks_view(self, k: int) -> np.ndarray:
-        if k not in self._maps:
-            s = self._shards[k]
-            self._maps[k] = np.memmap(s.path, dtype=self._np_dtype, mode="r", shape=(s.blocks * self.seq_len,))
-        return self._maps[k].reshape(-1, self.seq_len)
 
     def _shards_in(self, start: int, stop: int) -> list[_Shard]:
         return [s for s in self._shards if s.first_block < stop and s.first_block + s.blocks > start]
-
-    def __getstate__(self):  # memmaps are reopened after pickling (worker processes)
-        return {**self.__dict__, "_maps": {}}
 
 
 class _Batches(Sequence):
