@@ -193,3 +193,18 @@ def test_peak_memory_does_not_grow_with_the_corpus(tmp_path, tok_dir):
     tokens = [json.loads((tmp_path / o / "index.json").read_text())["num_tokens"] for o in ("o1", "o2")]
     assert tokens[1] > 1.9 * tokens[0]
     assert two <= one * 1.1, (one, two)
+
+
+def test_eval_and_prune_take_the_folder_as_data_with_the_text_paths_results(tmp_path, corpus, model_dir, capsys):
+    src, _ = corpus
+    out = tmp_path / "t"
+    assert main(["tokenize", str(src), str(out), "--tokenizer", str(model_dir), "--seq-len", "16"]) == 0
+    results = {}
+    for name, data in (("shards", out), ("text", src)):
+        capsys.readouterr()
+        assert main(["eval", str(model_dir), "--data", str(data), "--seq-len", "16", "--max-blocks", "6"]) == 0
+        ppl = json.loads(capsys.readouterr().out)["perplexity"]
+        assert main(["prune", str(model_dir), str(tmp_path / f"p-{name}"), "--data", str(data), "--seq-len", "16",
+                     "--samples", "4", "--expert-intermediate-size", "8"]) == 0
+        results[name] = (ppl, json.loads((tmp_path / f"p-{name}" / "slim_plan.json").read_text())["layers"])
+    assert results["shards"] == results["text"]

@@ -34,6 +34,7 @@ from slimmoe.errors import UserError
 from slimmoe.faults import crash_point
 from slimmoe.io.atomic import atomic_write_text, fsync_dir
 from slimmoe.io.data import _check_eval_fraction, _check_seq_len, tokenizer_fingerprint
+from slimmoe.io.lock import output_lock
 from slimmoe.io.token_shards import FORMAT, INDEX_FILE, file_sha256, read_index, verify_shards
 from slimmoe.io.token_sources import SourceSpec, iter_text_batches, local_files
 
@@ -67,6 +68,12 @@ def tokenize_corpus(job: TokenizeJob, out: str | os.PathLike, tokenizer: Any, pr
     tok_fp = tokenizer_fingerprint(tokenizer)
     identity = json.dumps(_identity(job, tok_fp), sort_keys=True, indent=1)
     _claim(out, identity)
+    with output_lock(out, what="slimmoe tokenize"):  # one writer per folder
+        return _tokenize_locked(job, out, tokenizer, tok_fp, progress, verify)
+
+
+def _tokenize_locked(job: TokenizeJob, out: Path, tokenizer: Any, tok_fp: str, progress: bool,
+                     verify: bool) -> dict[str, Any]:
     if (out / INDEX_FILE).is_file():
         index = read_index(out)
         if verify:
