@@ -35,9 +35,9 @@ def test_the_data_step_writes_token_shards_equal_to_the_in_memory_blocks(prepare
     assert isinstance(train, ShardBlocks) and (ref.train_blocks, ref.eval_blocks) == (len(mem_train), len(mem_eval))
     assert torch.equal(train[:], mem_train) and torch.equal(held[:], mem_eval)
     # reused by fingerprint: nothing tokenised again
-    from slimmoe.io import token_writer
+    from slimmoe.io import token_encode
 
-    monkeypatch.setattr(token_writer, "encode_texts", lambda *a: pytest.fail("tokenised again"))
+    monkeypatch.setattr(token_encode, "encode_texts", lambda *a: pytest.fail("tokenised again"))
     assert prepare_data(str(corpus), str(teacher), root / "data", SEQ, eval_fraction=0.1) == ref
     # a tokenised folder as data.train: taken as it is, train capped by max_blocks
     capped = prepare_data(ref.path, str(teacher), root / "data2", SEQ, eval_fraction=0.1, max_blocks=5)

@@ -19,14 +19,11 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import multiprocessing
 import os
 import shutil
-from collections import deque
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -35,6 +32,7 @@ from slimmoe.faults import crash_point
 from slimmoe.io.atomic import atomic_write_text, fsync_dir
 from slimmoe.io.data import _check_eval_fraction, _check_seq_len, tokenizer_fingerprint
 from slimmoe.io.lock import output_lock
+from slimmoe.io.token_encode import Encoder, join_with_eos, skip_documents
 from slimmoe.io.token_shards import FORMAT, INDEX_FILE, file_sha256, read_index, verify_shards
 from slimmoe.io.token_sources import SourceSpec, iter_text_batches, local_files
 
@@ -83,7 +81,7 @@ def _tokenize_locked(job: TokenizeJob, out: Path, tokenizer: Any, tok_fp: str, p
     dtype = "uint16" if vocab <= np.iinfo(np.uint16).max + 1 else "uint32"
     shard_tokens = max(job.seq_len, job.shard_tokens // job.seq_len * job.seq_len)
     eos = getattr(tokenizer, "eos_token_id", None)
-    encoder = _Encoder(tokenizer, job.tokenizer_dir, job.num_proc, job.batch_size)
+    encoder = Encoder(tokenizer, job.tokenizer_dir, job.num_proc, job.batch_size)
     try:
         train = _write_stream(out, "train", job.train, job.fields[0], encoder, eos, dtype, job.seq_len,
                               shard_tokens, job.max_tokens, progress)
@@ -115,14 +113,16 @@ def _check_job(job: TokenizeJob) -> None:
 def _identity(job: TokenizeJob, tok_fp: str) -> dict[str, Any]:
     """The job as JSON, with the local source files' sizes and mtimes (a rerun after the
     files changed must not resume into the old shards)."""
-    specs = {"train": job.train, "eval": job.eval}
-    files = {}
-    for name, spec in specs.items():
+    out = {"format": FORMAT, "tokenizer": tok_fp, "seq_len": job.seq_len, "eval_fraction": float(job.eval_fraction),
+           "max_tokens": job.max_tokens, "max_train_blocks": job.max_train_blocks, "shard_tokens": job.shard_tokens}
+    for name, spec in (("train", job.train), ("eval", job.eval)):
         found = local_files(spec, job.fields[0 if name == "train" else 1]) if spec is not None else None
-        files[name] = None if found is None else [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in found]
-    return {"format": FORMAT, "tokenizer": tok_fp, "seq_len": job.seq_len, "eval_fraction": float(job.eval_fraction),
-            "max_tokens": job.max_tokens, "max_train_blocks": job.max_train_blocks, "shard_tokens": job.shard_tokens,
-            "train": job.train.identity(), "eval": None if job.eval is None else job.eval.identity(), "files": files}
+        if found is None:
+            out[name] = None if spec is None else spec.identity()
+        else:  # local files by absolute path (not as spelled: another working directory is the same job)
+            out[name] = {**spec.identity(), "source": None, "files": [
+                [str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in found]}
+    return out
 
 
 def _claim(out: Path, identity: str) -> None:
@@ -179,91 +179,6 @@ def _sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-# ---------------------------------------------------------------------------- tokenising
-
-
-_WORKER_TOKENIZER = None
-
-
-def _init_worker(tokenizer_dir: str) -> None:
-    global _WORKER_TOKENIZER
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker process
-    from transformers import AutoTokenizer
-
-    _WORKER_TOKENIZER = AutoTokenizer.from_pretrained(tokenizer_dir)
-
-
-def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    return encode_texts(_WORKER_TOKENIZER, texts)
-
-
-def encode_texts(tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(all ids of the batch as one uint32 array, each document's length); the call and its
-    options are ``load_blocks``' (no special tokens added)."""
-    ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32, count=int(lengths.sum()))
-    return flat, lengths
-
-
-class _Encoder:
-    """Tokenises batches in order: in this process, or in ``num_proc`` forked workers with
-    at most ``2 * num_proc`` batches in flight (bounded memory, results in submission order)."""
-
-    def __init__(self, tokenizer, tokenizer_dir: str, num_proc: int, batch_size: int):
-        self.tokenizer, self.pool, self.window, self.batch_size = tokenizer, None, 2 * num_proc, batch_size
-        if num_proc > 1:
-            ctx = multiprocessing.get_context("fork")
-            self.pool = ProcessPoolExecutor(num_proc, mp_context=ctx, initializer=_init_worker,
-                                            initargs=(str(tokenizer_dir),))
-
-    def map(self, batches: Iterator[tuple[int, list[str]]]) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
-        """(first document index, documents, flat ids, lengths) per batch, in order."""
-        if self.pool is None:
-            for first, texts in batches:
-                yield (first, len(texts), *encode_texts(self.tokenizer, texts))
-            return
-        pending: deque = deque()
-        for first, texts in batches:
-            pending.append((first, len(texts), self.pool.submit(_encode_in_worker, texts)))
-            if len(pending) >= self.window:
-                f, n, fut = pending.popleft()
-                yield (f, n, *fut.result())
-        while pending:
-            f, n, fut = pending.popleft()
-            yield (f, n, *fut.result())
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(cancel_futures=True)
-
-
-def _skip_documents(batches: Iterator[list[str]], skip: int) -> Iterator[tuple[int, list[str]]]:
-    """(index of the first document, texts) per batch, leaving out the first ``skip`` documents."""
-    base = 0
-    for texts in batches:
-        n = len(texts)
-        if base + n > skip:
-            lo = max(0, skip - base)
-            yield base + lo, texts[lo:]
-        base += n
-
-
-def join_with_eos(flat: np.ndarray, lengths: np.ndarray, eos, seen_text: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(token sequence with EOS before every non-empty document but the corpus's first,
-    where each document's part starts). Same sequence as ``load_blocks``' ``x + [eos]`` per
-    non-empty document with the final EOS dropped."""
-    starts = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64) if lengths.size else lengths
-    if eos is None:
-        return flat, starts
-    gets_eos = lengths > 0
-    if not seen_text and gets_eos.any():
-        gets_eos[np.argmax(gets_eos)] = False  # the corpus's first non-empty document
-    seq = np.insert(flat, starts[gets_eos], np.uint32(eos))
-    before = np.concatenate(([0], np.cumsum(gets_eos)[:-1])) if lengths.size else lengths
-    return seq, starts + before
-
-
 # ---------------------------------------------------------------------------- shards of one stream
 
 
@@ -271,7 +186,7 @@ def shard_name(stream: str, k: int) -> str:
     return f"{stream}-{k:05d}.bin"
 
 
-def _write_stream(out: Path, stream: str, spec: SourceSpec, field: str, encoder: _Encoder, eos, dtype: str,
+def _write_stream(out: Path, stream: str, spec: SourceSpec, field: str, encoder: Encoder, eos, dtype: str,
                   seq_len: int, shard_tokens: int, max_tokens: int | None, progress: bool) -> list[dict]:
     """Write (or finish) the shards of one stream; their markers, in order."""
     from tqdm.auto import tqdm
@@ -283,7 +198,7 @@ def _write_stream(out: Path, stream: str, spec: SourceSpec, field: str, encoder:
     _drop_from(out, stream, len(done))
     sink = _ShardSink(out, stream, dtype, shard_tokens, done, max_tokens)
     start_doc, start_off = (done[-1]["next_doc"], done[-1]["next_offset"]) if done else (0, 0)
-    batches = _skip_documents(iter_text_batches(spec, field, batch_size=encoder.batch_size), start_doc)
+    batches = skip_documents(iter_text_batches(spec, field, batch_size=encoder.batch_size), start_doc)
     seen = sink.written > 0
     with tqdm(total=max_tokens, initial=sink.written, unit="tok", unit_scale=True, desc=f"tokenising {stream}",
               disable=None if progress else True) as bar:
