@@ -157,7 +157,9 @@ def main() -> None:
     assert ours["tokens"] == direct["tokens"] + args.docs - 1, (ours, direct)  # + the EOS between documents
     rows = {"direct tokenizer (1 process)": direct, "slimmoe tokenize": ours, "slimmoe tokenize --num-proc 2": par,
             "slimmoe tokenize, corpus x2": double}
-    print(f"(a-c) tokenising {ours['tokens']:,} tokens ({args.docs} documents, vocab 8000, seq_len {args.seq_len})")
+    print(f"(a-c) tokenising {ours['tokens']:,} tokens ({args.docs} documents, vocab 8000, seq_len {args.seq_len}); "
+          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} (wall clock needs idle cores; cpu tok/s "
+          "counts every process of a run, workers included)")
     print(f"{'':32} {'wall tok/s':>12} {'cpu tok/s':>12} {'peak RSS MiB':>13}")
     for name, r in rows.items():
         print(f"{name:32} {r['tokens'] / r['seconds']:12,.0f} {r['tokens'] / r['cpu_seconds']:12,.0f} "

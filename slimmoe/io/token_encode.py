@@ -5,6 +5,11 @@
 go to forked worker processes (``concurrent.futures.ProcessPoolExecutor``) with a bounded
 number in flight, and come back in submission order, so the output does not depend on
 ``num_proc``. :func:`join_with_eos` joins documents as ``load_blocks`` does.
+
+Why not ``Dataset.map(num_proc=N)``: it needs a map-style dataset (the whole corpus
+converted to Arrow on disk first) and writes a second Arrow copy of every token id; a
+streamed ``IterableDataset`` has no ``num_proc`` in ``map``. Splitting the document stream
+over worker processes serves both, and the shards are the only copy written.
 """
 
 from __future__ import annotations
