@@ -151,3 +151,14 @@ def test_bad_folders_are_refused_naming_the_file_or_field(tmp_path, corpus, tok,
     (bad / "index.json").write_text("{not json")
     with pytest.raises(UserError, match=r"index\.json: cannot be read as JSON"):
         load_blocks(bad, tok, 16)
+
+
+def test_a_glob_source_reads_its_files_in_order(tmp_path, corpus, tok, tok_dir):
+    from slimmoe.io.data import data_fingerprint
+
+    src, docs = corpus
+    tokenize(f"{src}/part-*.jsonl", tmp_path / "g", tok, tok_dir, 16)
+    assert np.array_equal(shard_stream(tmp_path / "g"), reference_stream(tok, docs[:-1]))  # not zz-whole.txt
+    assert data_fingerprint(f"{src}/part-*.jsonl", tok, 16) != data_fingerprint(f"{src}/part-[01].jsonl", tok, 16)
+    with pytest.raises(UserError, match=r"SOURCE: .*nothing-\*\.jsonl: the glob matches no"):
+        tokenize(f"{src}/nothing-*.jsonl", tmp_path / "n", tok, tok_dir, 16)

@@ -15,6 +15,7 @@ fill a block is dropped.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import math
@@ -213,6 +214,19 @@ def _list_files(path: Path, field: str) -> list[Path]:
     return files
 
 
+def is_glob(source: str) -> bool:
+    return any(c in source for c in "*?[")
+
+
+def glob_files(pattern: str, field: str) -> list[Path]:
+    """The supported files a glob matches, sorted; an error when it matches none."""
+    files = sorted(Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True)
+                   if Path(p).is_file() and Path(p).suffix.lower() in _BUILDERS)
+    if not files:
+        raise UserError(f"{field}: {pattern}: the glob matches no {', '.join(sorted(_BUILDERS))} file")
+    return files
+
+
 def _hash_source(h: "hashlib._Hash", source: str | os.PathLike, field: str) -> None:
     path = Path(source).expanduser()
     if _is_token_folder(path):  # its index.json fingerprint covers every shard's sha256
@@ -220,10 +234,8 @@ def _hash_source(h: "hashlib._Hash", source: str | os.PathLike, field: str) -> N
 
         _update(h, f"tokens:{read_index(path)['fingerprint']}")
         return
-    if not path.exists() and any(c in str(source) for c in "*?["):  # a glob (slimmoe tokenize)
-        from slimmoe.io.token_sources import SourceSpec, local_files
-
-        for f in local_files(SourceSpec(str(source)), field):
+    if not path.exists() and is_glob(str(source)):  # a glob (slimmoe tokenize)
+        for f in glob_files(str(source), field):
             _update(h, f"file:{f.as_posix()}:{f.stat().st_size}")
             with open(f, "rb") as fh:
                 while chunk := fh.read(_HASH_CHUNK):

@@ -12,16 +12,12 @@ A whole .txt file is one document (``sample_by="document"``), as ``load_blocks``
 
 from __future__ import annotations
 
-import glob
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from slimmoe.errors import UserError
-from slimmoe.io.data import _BUILDERS, _list_files, _looks_like_path, _one_line
-
-GLOB_CHARS = "*?["
+from slimmoe.io.data import _BUILDERS, _list_files, _looks_like_path, _one_line, glob_files, is_glob
 
 
 @dataclass(frozen=True)
@@ -45,11 +41,8 @@ def local_files(spec: SourceSpec, field: str) -> list[Path] | None:
     path = Path(spec.source).expanduser()
     if path.exists():
         files = _list_files(path, field)
-    elif any(c in spec.source for c in GLOB_CHARS):
-        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec.source), recursive=True)
-                       if Path(p).is_file() and Path(p).suffix.lower() in _BUILDERS)
-        if not files:
-            raise UserError(f"{field}: {spec.source}: the glob matches no {', '.join(sorted(_BUILDERS))} file")
+    elif is_glob(spec.source):
+        files = glob_files(spec.source, field)
     elif _looks_like_path(spec.source):
         raise UserError(f"{field}: no such file or folder: {spec.source}")
     else:
