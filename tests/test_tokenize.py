@@ -103,6 +103,10 @@ def test_streaming_a_local_jsonl_folder_stops_at_the_cap(tmp_path, corpus, tok_d
 
     expected = reference_stream(AutoTokenizer.from_pretrained(tok_dir), docs)
     assert np.array_equal(shard_stream(tmp_path / "s"), expected[:5000])
+    # the same builder id downloaded whole (not streamed) gives the same tokens
+    assert main(["tokenize", "json", str(tmp_path / "d"), "--tokenizer", str(tok_dir), "--seq-len", "16",
+                 "--data-files", str(src / "*.jsonl"), "--max-tokens", "5000"]) == 0
+    assert np.array_equal(shard_stream(tmp_path / "d"), expected[:5000])
 
 
 def error_of(capsys, argv) -> str:
@@ -186,8 +190,8 @@ def test_peak_memory_does_not_grow_with_the_corpus(tmp_path, tok_dir):
     large = peak_rss_kib(READ, synthetic_token_folder(tmp_path / "r16", 16 << 20, 64, seed=1))
     assert large <= small * 1.1 and large - small < 16 << 10, (small, large)
     # tokenising: a corpus and the same corpus twice over
-    write_jsonl_corpus(tmp_path / "c1", 1000, files=2, seed=3)
-    write_jsonl_corpus(tmp_path / "c2", 2000, files=4, seed=3)
+    write_jsonl_corpus(tmp_path / "c1", 600, files=2, seed=3)
+    write_jsonl_corpus(tmp_path / "c2", 1200, files=4, seed=3)
     one = peak_rss_kib(TOKENIZE, tmp_path / "c1", tmp_path / "o1", tok_dir)
     two = peak_rss_kib(TOKENIZE, tmp_path / "c2", tmp_path / "o2", tok_dir)
     tokens = [json.loads((tmp_path / o / "index.json").read_text())["num_tokens"] for o in ("o1", "o2")]

@@ -76,6 +76,7 @@ def _tokenize_locked(job: TokenizeJob, out: Path, tokenizer: Any, tok_fp: str, p
         index = read_index(out)
         if verify:
             verify_shards(out, index)
+        shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)  # left by a kill after index.json was written
         return index
     vocab = len(tokenizer)
     dtype = "uint16" if vocab <= np.iinfo(np.uint16).max + 1 else "uint32"

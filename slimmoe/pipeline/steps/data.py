@@ -10,14 +10,16 @@ is the flow's) and hard-linked (copied across file systems) into the step's fold
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
 
 from slimmoe.errors import UserError
-from slimmoe.io.data import data_fingerprint, default_cache_dir, load_blocks
+from slimmoe.io.data import data_fingerprint, default_cache_dir, is_glob, load_blocks
 from slimmoe.io.loading import load_tokenizer
 from slimmoe.io.token_shards import INDEX_FILE, is_token_folder, open_splits, read_index
 from slimmoe.io.token_sources import SourceSpec
@@ -57,9 +59,15 @@ def prepared_fingerprint(source: str, tok, seq_len: int, eval_path=None, eval_fr
     """24 hex digits of everything that determines the prepared blocks (not ``num_proc``)."""
     fp = data_fingerprint(source, tok, seq_len, eval_fraction=eval_fraction, eval_path=eval_path,
                           max_blocks=max_blocks, text_field=text_field)
+    local = [data_fingerprint(p, tok, seq_len) for p in data_files or () if _is_local(p)]  # their bytes
     extra = json.dumps({"name": name, "split": split, "data_files": data_files, "streaming": streaming,
-                        "max_tokens": max_tokens}, sort_keys=True)
+                        "max_tokens": max_tokens, "local_data_files": local}, sort_keys=True)
     return hashlib.sha256(f"{fp}|{extra}".encode()).hexdigest()[:24]
+
+
+def _is_local(pattern: str) -> bool:
+    """A data_files entry naming local files (a path, or a glob that matches some)."""
+    return Path(pattern).expanduser().exists() or (is_glob(pattern) and bool(glob.glob(os.path.expanduser(pattern))))
 
 
 def tokenize_cached(source: str, tok, tokenizer_dir: str, seq_len: int, eval_path=None, eval_fraction=0.05,
