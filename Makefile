@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-cache bench-quality bench-scale ablation constraints clean
+.PHONY: install demo test bench bench-cache bench-data bench-quality bench-scale bench-slim ablation constraints clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,6 +31,11 @@ bench-scale: $(STAMP)  # FSDP2 vs DDP at 2 processes: state and peak memory per 
 
 bench-cache: $(STAMP)  # float16 vs float32 teacher cache vs live teacher, 2 seeds (a few minutes on 2 cores)
 	$(BIN)/python bench/teacher_cache.py
+bench-data: $(STAMP)  # slimmoe tokenize vs the tokenizer alone, peak RSS of reading token shards at 50M vs 100M tokens
+	$(BIN)/python bench/data.py
+
+bench-slim: $(STAMP)  # streamed vs in-memory slimming of a few-hundred-MB safetensors checkpoint: peak RSS
+	$(BIN)/python bench/slim_stream.py
 
 bench-quality: $(STAMP)  # the ablation on the demo teacher, 3 seeds (~20+ min on 2 cores; needs `make demo` first)
 	$(BIN)/python bench/quality.py

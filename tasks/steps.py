@@ -131,7 +131,9 @@ def prepare_data(data: DataConfig, teacher: ModelRef, out_dir: Path) -> TokenBlo
     """Tokenise and pack the corpus with the teacher's tokenizer (once per content)."""
     return library.prepare_data(data.train, teacher.path, out_dir, data.seq_len, eval_path=data.eval,
                                 eval_fraction=data.eval_fraction, text_field=data.text_field,
-                                max_blocks=data.max_blocks)
+                                max_blocks=data.max_blocks, name=data.name, split=data.split,
+                                data_files=data.data_files, streaming=data.streaming, max_tokens=data.max_tokens,
+                                num_proc=data.num_proc)
 
 
 @task(name="importance", task_run_name="importance-{stage}", cache_policy=step_policy())

@@ -217,7 +217,7 @@ def test_bad_input_exits_2_with_one_line_naming_it(w, tmp_path, capsys, build, n
 
 def test_the_base_config_passes_every_check_and_its_tokens_are_reused_by_the_flow(w, tmp_path, monkeypatch):
     """The rows fail for their own reason only; check_inputs' tokenisation is the flow's cache."""
-    from slimmoe.io import data
+    from slimmoe.io import token_encode
     from slimmoe.pipeline import steps as stages
     from slimmoe.pipeline.resolve import check_inputs
     from slimmoe.pipeline.schema import PipelineConfig
@@ -229,7 +229,7 @@ def test_the_base_config_passes_every_check_and_its_tokens_are_reused_by_the_flo
     def no_tokenising(*a, **k):
         raise AssertionError("the corpus was tokenised again")
 
-    monkeypatch.setattr(data, "_encode_batch", no_tokenising)
+    monkeypatch.setattr(token_encode, "encode_texts", no_tokenising)
     d = cfg.data
     ref = stages.prepare_data(d.train, str(cfg.teacher), tmp_path / "blocks", d.seq_len, eval_path=d.eval,
                               eval_fraction=d.eval_fraction, text_field=d.text_field, max_blocks=d.max_blocks)

@@ -131,8 +131,6 @@ def _looks_local(value: str) -> bool:
 
 
 def _load_data(d: DistillData, tok_dir: Path | None, vocab_size: int, seed: int):
-    import torch
-
     from slimmoe.io.data import load_blocks, random_blocks
 
     if d.data is None:
@@ -153,7 +151,7 @@ def _load_data(d: DistillData, tok_dir: Path | None, vocab_size: int, seed: int)
         raise UserError(f"--data: {d.data} gives no block of {d.seq_len} tokens")
     if int(train.max()) >= vocab_size:
         raise UserError(f"--data: token id {int(train.max())} >= vocab size {vocab_size}")
-    return train, (evalb if evalb.shape[0] else None) if isinstance(evalb, torch.Tensor) else None
+    return train, (evalb if evalb.shape[0] else None) if evalb is not None else None  # tensor or ShardBlocks
 
 
 def main(argv: list[str] | None = None) -> int:

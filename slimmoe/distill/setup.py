@@ -39,7 +39,8 @@ def set_experts_implementation(model: PreTrainedModel, impl: str, device_type: s
 
 def validate_inputs(student, t_config, train_blocks, cfg: DistillConfig) -> None:
     """Refuse bad data and settings; ``t_config`` is the teacher's config (None without a teacher)."""
-    if not isinstance(train_blocks, torch.Tensor) or train_blocks.dim() != 2 or train_blocks.shape[0] == 0:
+    # a tensor, or lazy blocks with its interface (slimmoe.io.token_shards.ShardBlocks)
+    if not callable(getattr(train_blocks, "dim", None)) or train_blocks.dim() != 2 or train_blocks.shape[0] == 0:
         raise UserError("data: expected a non-empty [N, seq_len] tensor of token blocks")
     if train_blocks.shape[1] < 2:
         raise UserError("data: blocks need at least 2 tokens")

@@ -15,6 +15,7 @@ fill a block is dropped.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import math
@@ -61,11 +62,22 @@ def load_blocks(
     ``eval_fraction`` of the corpus's blocks (contiguous at the end, so no train text
     is also eval text; at least one block when eval_fraction > 0 and there are >= 2).
     ``max_blocks`` caps the number of train blocks (the first ones); eval is not capped.
+
+    A tokenised folder (``slimmoe tokenize``'s output, with ``index.json``) gives lazy
+    :class:`~slimmoe.io.token_shards.ShardBlocks` instead of tensors: its ``seq_len`` and
+    tokenizer (when ``tokenizer`` is given) must match the index, and its held-out blocks are
+    the folder's own: ``eval_path`` is refused, and an ``eval_fraction`` other than 0 must
+    match the folder's split (``train_blocks`` / ``eval_blocks`` in index.json).
     """
     _check_seq_len(seq_len)
     _check_eval_fraction(eval_fraction)
     if max_blocks is not None and (isinstance(max_blocks, bool) or not isinstance(max_blocks, int) or max_blocks < 1):
         raise UserError(f"max_blocks: must be a positive integer or None, got {max_blocks!r}")
+    if _is_token_folder(source):
+        return _token_folder_blocks(source, tokenizer, seq_len, eval_fraction, eval_path, max_blocks, fields)
+    if (Path(source).expanduser() / "tokenize.json").is_file():
+        raise UserError(f"{fields[0]}: {source} is an unfinished slimmoe tokenize folder (no index.json); "
+                        "run the same slimmoe tokenize command again to finish it")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
 
     blocks = _blocks_from(source, fields[0], tokenizer, seq_len, cache, text_field)
@@ -81,6 +93,33 @@ def load_blocks(
     if max_blocks is not None:
         train_blocks = train_blocks[:max_blocks]
     return train_blocks.contiguous(), eval_blocks.contiguous()
+
+
+def _is_token_folder(source) -> bool:
+    from slimmoe.io.token_shards import is_token_folder
+
+    return isinstance(source, (str, os.PathLike)) and is_token_folder(source)
+
+
+def _token_folder_blocks(source, tokenizer, seq_len, eval_fraction, eval_path, max_blocks, fields):
+    """(train, eval) ShardBlocks of a tokenised folder; see ``load_blocks``."""
+    from slimmoe.io.token_shards import open_splits
+
+    if eval_path is not None:
+        raise UserError(f"{fields[1]}: {source} is a tokenised folder with its own held-out blocks "
+                        f"(tokenise with --eval {eval_path} instead)")
+    tok_fp = tokenizer_fingerprint(tokenizer) if tokenizer is not None else None
+    train, held = open_splits(source, seq_len, tok_fp, fields[0])
+    n = len(train) + (len(held) if held.stream == "train" else 0)
+    if eval_fraction and held.stream == "train":
+        expected = min(n - 1, max(1, int(math.floor(n * eval_fraction + 0.5)))) if n >= 2 else 0
+        if expected != len(held):
+            raise UserError(f"eval_fraction: {eval_fraction} asks for {expected} held-out blocks; the tokenised folder "
+                            f"{source} holds {len(held)} (index.json eval_blocks); tokenise with --eval-fraction "
+                            f"{eval_fraction} or leave eval_fraction at 0")
+    if max_blocks is not None:
+        train = train.head(max_blocks)
+    return train, held
 
 
 def random_blocks(vocab_size: int, n: int, seq_len: int, seed: int = 0) -> torch.Tensor:
@@ -175,8 +214,33 @@ def _list_files(path: Path, field: str) -> list[Path]:
     return files
 
 
+def is_glob(source: str) -> bool:
+    return any(c in source for c in "*?[")
+
+
+def glob_files(pattern: str, field: str) -> list[Path]:
+    """The supported files a glob matches, sorted; an error when it matches none."""
+    files = sorted(Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True)
+                   if Path(p).is_file() and Path(p).suffix.lower() in _BUILDERS)
+    if not files:
+        raise UserError(f"{field}: {pattern}: the glob matches no {', '.join(sorted(_BUILDERS))} file")
+    return files
+
+
 def _hash_source(h: "hashlib._Hash", source: str | os.PathLike, field: str) -> None:
     path = Path(source).expanduser()
+    if _is_token_folder(path):  # its index.json fingerprint covers every shard's sha256
+        from slimmoe.io.token_shards import read_index
+
+        _update(h, f"tokens:{read_index(path)['fingerprint']}")
+        return
+    if not path.exists() and is_glob(str(source)):  # a glob (slimmoe tokenize)
+        for f in glob_files(str(source), field):
+            _update(h, f"file:{f.as_posix()}:{f.stat().st_size}")
+            with open(f, "rb") as fh:
+                while chunk := fh.read(_HASH_CHUNK):
+                    h.update(chunk)
+        return
     if not path.exists():
         if _looks_like_path(str(source)):
             raise UserError(f"{field}: no such file or folder: {source}")

@@ -44,7 +44,7 @@ def check_teacher_and_data(teacher: str, teacher_config, data, tracking_uri: str
     the tracking server, the tokenizer against the vocabulary, and a corpus filling a block."""
     check_weights(teacher, "teacher")
     check_tracking_uri(tracking_uri)
-    check_corpus(data, check_tokenizer(teacher, teacher_config), teacher_config.vocab_size)
+    check_corpus(data, check_tokenizer(teacher, teacher_config), teacher_config.vocab_size, teacher)
 
 
 def check_tracking_uri(uri: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
@@ -99,10 +99,20 @@ def check_tokenizer(teacher: str, config):
     return tok
 
 
-def check_corpus(data, tokenizer, vocab_size: int) -> None:
-    """Tokenise and pack the corpus as the flow will (cached); refuse an empty or too short one."""
-    train, _ = load_blocks(data.train, tokenizer, data.seq_len, eval_fraction=data.eval_fraction, eval_path=data.eval,
-                           max_blocks=data.max_blocks, text_field=data.text_field, fields=("data.train", "data.eval"))
+def check_corpus(data, tokenizer, vocab_size: int, tokenizer_dir: str) -> None:
+    """Tokenise the corpus into token shards as the flow will (cached, read lazily); refuse an
+    empty or too short one."""
+    from slimmoe.io.token_shards import is_token_folder
+    from slimmoe.pipeline.steps.data import tokenize_cached
+
+    given = is_token_folder(data.train)  # already tokenised: its own held-out split, checked against the config
+    source = data.train if given else tokenize_cached(
+        data.train, tokenizer, tokenizer_dir, data.seq_len, eval_path=data.eval, eval_fraction=data.eval_fraction,
+        text_field=data.text_field, max_blocks=data.max_blocks, name=data.name, split=data.split,
+        data_files=data.data_files, streaming=data.streaming, max_tokens=data.max_tokens, num_proc=data.num_proc)
+    held = dict(eval_fraction=data.eval_fraction, eval_path=data.eval) if given else {}
+    train, _ = load_blocks(source, tokenizer, data.seq_len, max_blocks=data.max_blocks,
+                           fields=("data.train", "data.eval"), **held)
     if train.shape[0] == 0:
         raise UserError(f"data.train: {data.train} leaves no training block of data.seq_len={data.seq_len} tokens "
                         f"once data.eval_fraction={data.eval_fraction} is held out")

@@ -47,6 +47,12 @@ class DataConfig(StrictModel):
     seq_len: int = Field(256, gt=1)
     text_field: str = "text"
     max_blocks: int | None = Field(None, gt=0, description="cap on train blocks")
+    name: str | None = Field(None, description="hub dataset configuration name")
+    split: str = Field("train", description="hub dataset split")
+    data_files: list[str] | None = Field(None, description="data_files of a hub dataset or builder (json, text)")
+    streaming: bool = Field(False, description="stream a hub dataset while tokenising (no full download)")
+    max_tokens: int | None = Field(None, gt=0, description="stop tokenising data.train after this many tokens")
+    num_proc: int = Field(1, gt=0, description="tokenising processes (the shards do not change)")
 
 
 class EvalConfig(StrictModel):

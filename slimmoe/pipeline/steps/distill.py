@@ -54,7 +54,7 @@ def distill_stage(student_dir: str, teacher_dir: str, blocks_path: str, cfg: Dis
 def _claim_folder(out: Path, student_dir: str, teacher_dir: str, blocks_path: str, cfg: DistillConfig) -> None:
     """Clear ``out`` when a run with other inputs left it, and record this run's inputs."""
     identity = json.dumps({"student": folder_fingerprint(student_dir), "teacher": ModelRef.of(teacher_dir).fingerprint,
-                           "blocks": Path(blocks_path).name,  # blocks-<data fingerprint>.pt
+                           "blocks": Path(blocks_path).name,  # tokens-<data fingerprint>
                            "config": cfg.model_dump(mode="json")}, sort_keys=True)
     marker = out / INPUTS_FILE
     if out.exists() and (not marker.exists() or marker.read_text() != identity):

@@ -48,7 +48,8 @@ class ModelRef(StepRecord):
 
 
 class TokenBlocks(StepRecord):
-    """The packed corpus (``blocks-<fingerprint>.pt``): train and held-out blocks of ``seq_len``."""
+    """The tokenised corpus (``tokens-<fingerprint>/``, token shards + index.json): train and held-out
+    blocks of ``seq_len``."""
 
     source: str  # data.train as given (for MLflow's dataset record; not part of the identity)
     seq_len: int
