@@ -31,6 +31,7 @@ bench-scale: $(STAMP)  # FSDP2 vs DDP at 2 processes: state and peak memory per 
 
 bench-cache: $(STAMP)  # float16 vs float32 teacher cache vs live teacher, 2 seeds (a few minutes on 2 cores)
 	$(BIN)/python bench/teacher_cache.py
+
 bench-data: $(STAMP)  # slimmoe tokenize vs the tokenizer alone, peak RSS of reading token shards at 50M vs 100M tokens
 	$(BIN)/python bench/data.py
 
