@@ -12,7 +12,8 @@
     a ~100M-token folder, and their ratio (target <= 1.1). These folders hold random ids
     written directly (tokenising 150M tokens would take most of an hour on 2 cores); the
     reader does not depend on where the ids came from.
-(e) teacher-cache bytes/token: measured by bench/distill.py's owner (left out here).
+(e) teacher-cache bytes/token at topk 8: a cache entry built for Phi's vocabulary (32,064) from
+    a stand-in teacher, bytes of its data files over its tokens, per log-prob dtype (target <= 32).
 
 Every measurement runs in a fresh subprocess, so peak RSS is that measurement's alone.
 
@@ -132,6 +133,21 @@ def random_token_folder(folder: Path, tokens: int, seq_len: int, vocab: int, sha
     return folder
 
 
+def cache_bytes_per_token(folder: Path, dtype: str, vocab: int = 32064, blocks: int = 8, seq: int = 64) -> float:
+    """Build a top-k cache entry from a stand-in teacher (random logits) and measure its data files."""
+    import torch
+
+    from slimmoe.distill.teacher_cache import build
+    from slimmoe.parallel import Topology
+
+    ids = torch.randint(0, vocab, (blocks, seq), generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+    cache = build(folder, ids, lambda b: torch.randn(*b.shape, vocab, generator=gen), teacher_fp="bench", k=8,
+                  temperature=1.0, batch_size=4, topo=Topology(), logprobs_dtype=dtype, vocab_size=vocab)
+    data = sum(p.stat().st_size for p in cache.path.glob("part-*") if not p.name.endswith(".json"))
+    return data / ids.numel()
+
+
 def same_files(a: Path, b: Path) -> bool:
     names = sorted(f.name for f in a.iterdir() if f.is_file() and not f.name.startswith("."))
     return names == sorted(f.name for f in b.iterdir() if f.is_file() and not f.name.startswith(".")) and all(
@@ -192,7 +208,10 @@ def main() -> None:
     for name, r in ((f"{r1['tokens']:,} tokens", r1), (f"{r2['tokens']:,} tokens", r2)):
         print(f"{name:32} peak RSS {r['peak_rss_kib'] / 1024:8.1f} MiB, {1000 / r['seconds']:,.0f} blocks/s")
     print(f"peak RSS ratio 2x / 1x: {r2['peak_rss_kib'] / r1['peak_rss_kib']:.3f} (target <= 1.1)")
-    print("(e) teacher-cache bytes/token: not measured here (bench/distill.py's owner)")
+    print("(e) teacher-cache bytes per token on disk, topk 8, vocab 32,064")
+    for dtype in ("float16", "bfloat16", "float32"):
+        print(f"{dtype:32} {cache_bytes_per_token(work / f'cache-{dtype}', dtype):6.1f} B/token"
+              + ("  (target <= 32)" if dtype == "float16" else ""))
 
 
 if __name__ == "__main__":
