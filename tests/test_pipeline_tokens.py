@@ -60,3 +60,18 @@ def test_distill_and_evaluate_give_the_same_results_from_shards_and_from_memory(
     assert d_s["steps"] == d_m["steps"] == 3 and d_s["final_eval"] and d_s["final_eval"] == d_m["final_eval"]
     assert m_s["perplexity"] == m_m["perplexity"] and m_s["kl_to_teacher"] == m_m["kl_to_teacher"]
     assert all(torch.equal(w_s[k], w_m[k]) for k in w_m)
+
+
+def test_a_teacher_cache_built_from_shards_gives_the_memory_run(prepared):
+    """The top-k cache keys a lazy reader by its fingerprint (no tokens read to key it); the
+    entry it writes holds the same values as the one built from the in-memory tensor."""
+    root, teacher, _, ref, _, _ = prepared
+    cache = root / "topk"
+    cfg = DistillConfig(tokens=3 * 4 * SEQ, batch_size=4, progress=False, keep_best=False, teacher_cache_dir=cache)
+    weights = {}
+    for name, blocks_path in (("shards", ref.path), ("memory", str(root / "blocks.pt"))):
+        out = root / f"cached-{name}"
+        assert distill_stage(str(root / "student"), str(teacher), blocks_path, cfg, out).distill["steps"] == 3
+        weights[name] = load_model(str(out)).state_dict()
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 2  # one entry per block source
+    assert all(torch.equal(weights["shards"][k], v) for k, v in weights["memory"].items())
