@@ -1,0 +1,119 @@
+"""What each serving engine loads: the ``architectures`` name it registers for every MoE
+family slimmoe produces (keyed by config.json's ``model_type``), and the limits of its
+implementation that a slimmed model can break.
+
+Names and rules are read from the engines' own source (checked 2026-12):
+
+- vLLM: ``vllm/model_executor/models/registry.py`` (``_TEXT_GENERATION_MODELS``: e.g.
+  ``"PhiMoEForCausalLM": ("phimoe", "PhiMoEForCausalLM")``); top-2 from
+  ``vllm/model_executor/models/phimoe.py`` ``phimoe_routing_function``:
+  ``assert topk == 2, "Only top-2 routing is supported"``.
+- SGLang: ``python/sglang/srt/models/<family>.py`` ``EntryClass`` (``phimoe.py``:
+  ``EntryClass = PhiMoEForCausalLM``; ``deepseek_v2.py`` lists ``DeepseekV3ForCausalLM``).
+  SGLang's PhiMoE reads ``head_dim`` from the config.
+- llama.cpp: ``convert_hf_to_gguf.py`` ``@ModelBase.register(...)`` lines
+  (``@ModelBase.register("PhiMoEForCausalLM") class PhiMoeModel(Phi3MiniModel)``; Mixtral
+  goes through ``LlamaModel``). ``PhiMoeModel`` inherits ``Phi3MiniModel``'s hyper-parameters,
+  which derive the head size as hidden_size / num_attention_heads and ignore ``head_dim``
+  (llama.cpp issue 22524: such a checkpoint converts to a broken GGUF).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from slimmoe.errors import UserError
+
+Check = Callable[[dict], "str | None"]  # config.json -> the broken limit in words, or None
+
+
+@dataclass(frozen=True)
+class Engine:
+    name: str  # as typed after --for
+    label: str  # as written in messages
+    architectures: dict[str, str]  # model_type -> the architectures name the engine registers
+    checks: dict[str, tuple[Check, ...]]  # model_type -> its limits in this engine
+
+
+def _phimoe_top2(cfg: dict) -> str | None:
+    k = cfg.get("num_experts_per_tok")
+    if k != 2:
+        return f"PhiMoE in vLLM routes top-2 only; this model has num_experts_per_tok={k}"
+    return None
+
+
+def _phimoe_head_dim(cfg: dict) -> str | None:
+    hidden, heads, head_dim = cfg.get("hidden_size"), cfg.get("num_attention_heads"), cfg.get("head_dim")
+    if head_dim is None or not hidden or not heads:
+        return None
+    if head_dim * heads != hidden:
+        return (f"llama.cpp's PhiMoE converter ignores head_dim and uses hidden_size / num_attention_heads "
+                f"({hidden} / {heads}); this model has head_dim={head_dim} (llama.cpp issue 22524)")
+    return None
+
+
+VLLM = Engine(
+    name="vllm", label="vLLM",
+    architectures={
+        "phimoe": "PhiMoEForCausalLM",
+        "mixtral": "MixtralForCausalLM",
+        "qwen2_moe": "Qwen2MoeForCausalLM",
+        "qwen3_moe": "Qwen3MoeForCausalLM",
+        "olmoe": "OlmoeForCausalLM",
+        "granitemoe": "GraniteMoeForCausalLM",
+        "deepseek_v3": "DeepseekV3ForCausalLM",
+    },
+    checks={"phimoe": (_phimoe_top2,)},
+)
+
+SGLANG = Engine(
+    name="sglang", label="SGLang",
+    architectures={
+        "phimoe": "PhiMoEForCausalLM",
+        "mixtral": "MixtralForCausalLM",
+        "qwen2_moe": "Qwen2MoeForCausalLM",
+        "qwen3_moe": "Qwen3MoeForCausalLM",
+        "olmoe": "OlmoeForCausalLM",
+        "granitemoe": "GraniteMoeForCausalLM",
+        "deepseek_v3": "DeepseekV3ForCausalLM",
+    },
+    checks={},
+)
+
+LLAMA_CPP = Engine(
+    name="llama.cpp", label="llama.cpp",
+    architectures={
+        "phimoe": "PhiMoEForCausalLM",
+        "mixtral": "MixtralForCausalLM",
+        "qwen2_moe": "Qwen2MoeForCausalLM",
+        "qwen3_moe": "Qwen3MoeForCausalLM",
+        "olmoe": "OlmoeForCausalLM",
+        "granitemoe": "GraniteMoeForCausalLM",
+        "deepseek_v3": "DeepseekV3ForCausalLM",
+    },
+    checks={"phimoe": (_phimoe_head_dim,)},
+)
+
+ENGINES: dict[str, Engine] = {e.name: e for e in (VLLM, SGLANG, LLAMA_CPP)}
+
+
+def get_engine(name: str) -> Engine:
+    if name not in ENGINES:
+        raise UserError(f"--for: unknown engine {name!r}; choose one of {', '.join(ENGINES)}")
+    return ENGINES[name]
+
+
+def check_config(engine: Engine, cfg: dict) -> str:
+    """The ``architectures`` name ``engine`` loads this config.json as; a ``UserError``
+    naming the limit when the engine lacks the family or the model breaks one of its limits."""
+    model_type = cfg.get("model_type")
+    if model_type not in engine.architectures:
+        known = ", ".join(sorted(engine.architectures))
+        raise UserError(f"--for {engine.name}: {engine.label} has no implementation for model_type "
+                        f"{model_type!r} here; supported: {known}")
+    for check in engine.checks.get(model_type, ()):
+        broken = check(cfg)
+        if broken:
+            raise UserError(f"--for {engine.name}: {broken}")
+    return engine.architectures[model_type]

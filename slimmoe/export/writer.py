@@ -1,0 +1,116 @@
+"""Write what a serving engine loads: a copy of the model folder (hard links where the file
+system allows, copies elsewhere) whose config.json names the engine's ``architectures``,
+or, for llama.cpp, a GGUF converted by llama.cpp's own ``convert_hf_to_gguf.py``.
+
+Everything is checked before anything is written; the result is filled in a temporary
+sibling of OUT and renamed into place (:func:`slimmoe.io.atomic.replace_folder`), so a
+refusal or a failed conversion leaves no OUT folder behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from slimmoe.errors import UserError
+from slimmoe.export.engines import check_config, get_engine
+
+CONVERTER_ENV = "SLIMMOE_LLAMA_CPP_CONVERT"  # path to llama.cpp's convert_hf_to_gguf.py
+GGUF_NAME = "model.gguf"
+
+
+def read_model_config(model: Path) -> dict:
+    """config.json of a model folder, as a dict; a one-line ``UserError`` when it is missing."""
+    model = Path(model)
+    if not model.is_dir():
+        raise UserError(f"MODEL: {model} is not a folder")
+    path = model / "config.json"
+    if not path.is_file():
+        raise UserError(f"MODEL: {path} does not exist")
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"MODEL: {path} is not valid JSON ({e.__class__.__name__})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"MODEL: {path} is not a JSON object")
+    return cfg
+
+
+def link_or_copy_tree(src: Path, dst: Path) -> None:
+    """Every file under ``src`` into ``dst`` (created), hard-linked where possible."""
+    for root, dirs, files in os.walk(src):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # temporaries of slimmoe's writers
+        rel = Path(root).relative_to(src)
+        (dst / rel).mkdir(parents=True, exist_ok=True)
+        for name in files:
+            if name.startswith(".") and name != ".gitattributes":  # .complete markers, temporaries
+                continue
+            s, d = Path(root) / name, dst / rel / name
+            try:
+                os.link(s, d)
+            except OSError:
+                shutil.copy2(s, d)
+
+
+def write_config(folder: Path, cfg: dict, architecture: str) -> None:
+    """config.json with ``architectures`` replaced; a fresh file, never written through a
+    hard link into the source folder."""
+    path = folder / "config.json"
+    path.unlink(missing_ok=True)
+    path.write_text(json.dumps({**cfg, "architectures": [architecture]}, indent=2, sort_keys=True) + "\n")
+
+
+def find_converter() -> Path:
+    """llama.cpp's convert_hf_to_gguf.py and the ``gguf`` package it needs, or a ``UserError``
+    saying what is missing."""
+    try:
+        import gguf  # noqa: F401  (the converter's own dependency)
+    except ImportError:
+        raise UserError("--for llama.cpp: the gguf package is missing; pip install 'slimmoe[llama-cpp]'") from None
+    where = os.environ.get(CONVERTER_ENV)
+    if not where:
+        raise UserError(f"--for llama.cpp: set {CONVERTER_ENV} to llama.cpp's convert_hf_to_gguf.py "
+                        f"(from a llama.cpp checkout of the same version as the gguf package)")
+    path = Path(where)
+    if not path.is_file():
+        raise UserError(f"--for llama.cpp: {CONVERTER_ENV}={where} is not a file")
+    return path
+
+
+def convert_to_gguf(converter: Path, model_dir: Path, outfile: Path, outtype: str = "f32") -> None:
+    """Run llama.cpp's converter in its own process; its last line of output names a failure."""
+    cmd = [sys.executable, str(converter), str(model_dir), "--outfile", str(outfile), "--outtype", outtype]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0 or not outfile.is_file():
+        lines = (done.stderr or done.stdout or "").strip().splitlines()
+        last = lines[-1] if lines else f"exit code {done.returncode}"
+        raise UserError(f"--for llama.cpp: convert_hf_to_gguf.py failed: {last}")
+
+
+def export_model(model: str | Path, out: str | Path, engine_name: str) -> Path:
+    """Write ``out`` for ``engine_name`` from the model folder ``model``; returns ``out``.
+    Refuses (``UserError``, nothing written) a family or a shape the engine cannot serve."""
+    from slimmoe.io.atomic import replace_folder  # torch; not needed to build the CLI
+
+    engine = get_engine(engine_name)
+    model, out = Path(model), Path(out)
+    cfg = read_model_config(model)
+    architecture = check_config(engine, cfg)
+    if out.resolve() == model.resolve():
+        raise UserError("OUT: must differ from MODEL")
+    converter = find_converter() if engine.name == "llama.cpp" else None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with replace_folder(out) as tmp:
+        if converter is None:
+            link_or_copy_tree(model, tmp)
+            write_config(tmp, cfg, architecture)
+        else:
+            with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.hf-") as staged:
+                link_or_copy_tree(model, Path(staged))
+                write_config(Path(staged), cfg, architecture)
+                convert_to_gguf(converter, Path(staged), tmp / GGUF_NAME)
+    return out

@@ -1,0 +1,155 @@
+"""``slimmoe export MODEL OUT --for ENGINE``: the architectures name each engine registers,
+weights untouched, and every engine limit refused with one ``error:`` line, nothing written.
+
+The expected names are literals copied from the engines' source (not computed by slimmoe):
+vLLM vllm/model_executor/models/registry.py, SGLang python/sglang/srt/models/*.py
+``EntryClass``, llama.cpp convert_hf_to_gguf.py ``@ModelBase.register(...)``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from slimmoe.cli.main import main
+from tests.tiny_models import tiny_model
+
+ROOT = Path(__file__).parents[1]
+
+EXPECTED = {  # engine -> model_type -> the name in that engine's registry
+    "vllm": {"phimoe": "PhiMoEForCausalLM", "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"},
+    "sglang": {"phimoe": "PhiMoEForCausalLM", "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"},
+    "llama.cpp": {"phimoe": "PhiMoEForCausalLM", "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"},
+}
+
+
+@pytest.fixture(scope="module")
+def students(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("students")
+    folders = {}
+    for model_type in ("phimoe", "mixtral", "qwen3_moe"):
+        folders[model_type] = root / model_type
+        tiny_model(model_type).save_pretrained(folders[model_type])
+    folders["phimoe_top1"] = root / "phimoe_top1"
+    tiny_model("phimoe", num_experts_per_tok=1).save_pretrained(folders["phimoe_top1"])
+    folders["phimoe_head_dim"] = root / "phimoe_head_dim"  # 4 heads x 16 on hidden 32
+    tiny_model("phimoe", head_dim=16).save_pretrained(folders["phimoe_head_dim"])
+    folders["dense"] = root / "dense"  # a family no engine table lists
+    folders["dense"].mkdir()
+    (folders["dense"] / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    return folders
+
+
+def refused(argv: list[str], out: Path, capsys) -> str:
+    """Run the CLI expecting a refusal: exit 2, one ``error:`` line, no OUT; return the line."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+    return err[0]
+
+
+@pytest.mark.parametrize("engine", ["vllm", "sglang"])
+@pytest.mark.parametrize("model_type", ["phimoe", "mixtral", "qwen3_moe"])
+def test_export_names_the_engine_architecture(students, tmp_path, capsys, engine, model_type):
+    src, out = students[model_type], tmp_path / "served"
+    assert main(["export", str(src), str(out), "--for", engine]) == 0
+    cfg, before = json.loads((out / "config.json").read_text()), json.loads((src / "config.json").read_text())
+    assert cfg["architectures"] == [EXPECTED[engine][model_type]]
+    assert {k: v for k, v in cfg.items() if k != "architectures"} == {k: v for k, v in before.items() if k != "architectures"}
+    assert before["architectures"] != cfg["architectures"] or model_type != "phimoe"  # the source is untouched
+    weights = sorted(p.name for p in src.glob("*.safetensors"))
+    assert weights
+    for name in weights:
+        assert (out / name).read_bytes() == (src / name).read_bytes()
+        assert (out / name).stat().st_ino == (src / name).stat().st_ino  # a hard link on one file system
+    assert (out / "config.json").stat().st_ino != (src / "config.json").stat().st_ino
+    for extra in src.iterdir():  # everything else comes along
+        assert (out / extra.name).exists(), extra.name
+
+
+def test_stock_phimoe_name_differs_from_the_engines(students):
+    """Why export exists: transformers saves PhimoeForCausalLM, the engines register PhiMoEForCausalLM."""
+    saved = json.loads((students["phimoe"] / "config.json").read_text())["architectures"]
+    assert saved == ["PhimoeForCausalLM"]
+
+
+def test_vllm_refuses_top1_phimoe(students, tmp_path, capsys):
+    out = tmp_path / "served"
+    line = refused(["export", str(students["phimoe_top1"]), str(out), "--for", "vllm"], out, capsys)
+    assert "top-2" in line and "num_experts_per_tok=1" in line and "vllm" in line
+
+
+def test_sglang_takes_top1_phimoe(students, tmp_path):
+    assert main(["export", str(students["phimoe_top1"]), str(tmp_path / "served"), "--for", "sglang"]) == 0
+
+
+def test_llama_cpp_refuses_phimoe_with_its_own_head_dim(students, tmp_path, capsys):
+    out = tmp_path / "served"
+    line = refused(["export", str(students["phimoe_head_dim"]), str(out), "--for", "llama.cpp"], out, capsys)
+    assert "head_dim=16" in line and "hidden_size / num_attention_heads" in line
+
+
+def test_vllm_takes_phimoe_with_its_own_head_dim(students, tmp_path):
+    out = tmp_path / "served"
+    assert main(["export", str(students["phimoe_head_dim"]), str(out), "--for", "vllm"]) == 0
+    assert json.loads((out / "config.json").read_text())["head_dim"] == 16
+
+
+@pytest.mark.parametrize("engine", ["vllm", "sglang", "llama.cpp"])
+def test_a_family_the_engine_lacks_is_refused(students, tmp_path, capsys, engine):
+    out = tmp_path / "served"
+    line = refused(["export", str(students["dense"]), str(out), "--for", engine], out, capsys)
+    assert "'llama'" in line and "model_type" in line
+
+
+@pytest.mark.parametrize("what", ["no folder", "no config.json"])
+def test_missing_model_is_one_line(tmp_path, capsys, what):
+    src, out = tmp_path / "model", tmp_path / "served"
+    if what == "no config.json":
+        src.mkdir()
+    line = refused(["export", str(src), str(out), "--for", "vllm"], out, capsys)
+    assert "MODEL" in line
+
+
+def test_existing_out_is_replaced_whole(students, tmp_path, capsys):
+    out = tmp_path / "served"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    assert main(["export", str(students["mixtral"]), str(out), "--for", "vllm"]) == 0
+    assert not (out / "stale.txt").exists()
+
+
+def test_llama_cpp_without_converter_is_one_line(students, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("SLIMMOE_LLAMA_CPP_CONVERT", raising=False)
+    out = tmp_path / "served"
+    line = refused(["export", str(students["phimoe"]), str(out), "--for", "llama.cpp"], out, capsys)
+    assert "SLIMMOE_LLAMA_CPP_CONVERT" in line or "gguf" in line
+
+
+def test_cli_subprocess_exit_code(students, tmp_path):
+    out = tmp_path / "served"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "slimmoe.cli", "export", str(students["phimoe_top1"]), str(out),
+                           "--for", "vllm"], capture_output=True, text=True, env=env)
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("error: --for vllm:"), done.stderr
+    assert not out.exists()
+
+
+CONVERTER = os.environ.get("SLIMMOE_LLAMA_CPP_CONVERT")
+
+
+@pytest.mark.skipif(not CONVERTER, reason="SLIMMOE_LLAMA_CPP_CONVERT (llama.cpp's convert_hf_to_gguf.py) not set")
+def test_llama_cpp_writes_a_gguf(students, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    out = tmp_path / "served"
+    assert main(["export", str(students["phimoe"]), str(out), "--for", "llama.cpp"]) == 0
+    reader = gguf.GGUFReader(out / "model.gguf")
+    arch = reader.fields["general.architecture"]
+    assert bytes(arch.parts[arch.data[0]]).decode() == "phimoe"
+    assert len(reader.tensors) > 0
