@@ -141,15 +141,55 @@ def test_cli_subprocess_exit_code(students, tmp_path):
     assert not out.exists()
 
 
-CONVERTER = os.environ.get("SLIMMOE_LLAMA_CPP_CONVERT")
+FAKE_CONVERTER = '''
+import argparse, json, sys
+from pathlib import Path
+import gguf
+from safetensors.numpy import load_file
+p = argparse.ArgumentParser()
+p.add_argument("model"); p.add_argument("--outfile"); p.add_argument("--outtype")
+a = p.parse_args()
+cfg = json.loads((Path(a.model) / "config.json").read_text())
+if cfg["architectures"] != ["PhiMoEForCausalLM"]:  # what llama.cpp's registry refuses
+    sys.exit("Model PhimoeForCausalLM is not supported")
+if cfg.get("fail"):
+    sys.exit("ValueError: something the converter did not like")
+w = gguf.GGUFWriter(a.outfile, "phimoe")
+for name, t in load_file(str(Path(a.model) / "model.safetensors")).items():
+    w.add_tensor(name, t)
+w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+'''
 
 
-@pytest.mark.skipif(not CONVERTER, reason="SLIMMOE_LLAMA_CPP_CONVERT (llama.cpp's convert_hf_to_gguf.py) not set")
-def test_llama_cpp_writes_a_gguf(students, tmp_path):
+def test_llama_cpp_runs_the_converter_on_the_renamed_copy(students, tmp_path, monkeypatch):
+    """The plumbing with a stand-in for convert_hf_to_gguf.py (same command line): it sees the
+    engine's architectures name, and its GGUF lands in OUT/model.gguf."""
     gguf = pytest.importorskip("gguf")
+    from safetensors import safe_open
+
+    script = tmp_path / "convert_hf_to_gguf.py"
+    script.write_text(FAKE_CONVERTER)
+    monkeypatch.setenv("SLIMMOE_LLAMA_CPP_CONVERT", str(script))
     out = tmp_path / "served"
     assert main(["export", str(students["phimoe"]), str(out), "--for", "llama.cpp"]) == 0
     reader = gguf.GGUFReader(out / "model.gguf")
     arch = reader.fields["general.architecture"]
     assert bytes(arch.parts[arch.data[0]]).decode() == "phimoe"
-    assert len(reader.tensors) > 0
+    with safe_open(students["phimoe"] / "model.safetensors", "np") as f:
+        assert len(reader.tensors) == len(list(f.keys()))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["convert_hf_to_gguf.py", "served"]  # no staging left
+
+
+def test_llama_cpp_converter_failure_is_one_line(students, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("gguf")
+    script = tmp_path / "convert_hf_to_gguf.py"
+    script.write_text(FAKE_CONVERTER)
+    monkeypatch.setenv("SLIMMOE_LLAMA_CPP_CONVERT", str(script))
+    src = tmp_path / "model"
+    src.mkdir()
+    cfg = json.loads((students["phimoe"] / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "fail": True}))
+    out = tmp_path / "served"
+    line = refused(["export", str(src), str(out), "--for", "llama.cpp"], out, capsys)
+    assert "convert_hf_to_gguf.py failed" in line and "did not like" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["convert_hf_to_gguf.py", "model"]

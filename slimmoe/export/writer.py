@@ -8,6 +8,7 @@ refusal or a failed conversion leaves no OUT folder behind."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -65,19 +66,19 @@ def write_config(folder: Path, cfg: dict, architecture: str) -> None:
 
 
 def find_converter() -> Path:
-    """llama.cpp's convert_hf_to_gguf.py and the ``gguf`` package it needs, or a ``UserError``
-    saying what is missing."""
-    try:
-        import gguf  # noqa: F401  (the converter's own dependency)
-    except ImportError:
-        raise UserError("--for llama.cpp: the gguf package is missing; pip install 'slimmoe[llama-cpp]'") from None
+    """llama.cpp's convert_hf_to_gguf.py (``$SLIMMOE_LLAMA_CPP_CONVERT``) and the ``gguf``
+    package it needs (the checkout's own ``gguf-py`` next to it, else the installed one),
+    or a ``UserError`` saying what is missing."""
     where = os.environ.get(CONVERTER_ENV)
     if not where:
         raise UserError(f"--for llama.cpp: set {CONVERTER_ENV} to llama.cpp's convert_hf_to_gguf.py "
-                        f"(from a llama.cpp checkout of the same version as the gguf package)")
+                        f"(a llama.cpp checkout; slimmoe does not ship the converter)")
     path = Path(where)
     if not path.is_file():
         raise UserError(f"--for llama.cpp: {CONVERTER_ENV}={where} is not a file")
+    if not (path.parent / "gguf-py").is_dir() and importlib.util.find_spec("gguf") is None:
+        raise UserError("--for llama.cpp: the gguf package is missing (no gguf-py next to the converter); "
+                        "pip install 'slimmoe[llama-cpp]'")
     return path
 
 
