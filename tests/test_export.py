@@ -193,3 +193,18 @@ def test_llama_cpp_converter_failure_is_one_line(students, tmp_path, monkeypatch
     line = refused(["export", str(src), str(out), "--for", "llama.cpp"], out, capsys)
     assert "convert_hf_to_gguf.py failed" in line and "did not like" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["convert_hf_to_gguf.py", "model"]
+
+
+def test_symlinked_files_are_followed(students, tmp_path):
+    """A Hugging Face cache snapshot: every file a relative symlink into ../blobs."""
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
+    blobs.mkdir()
+    snap.mkdir(parents=True)
+    for f in students["mixtral"].iterdir():
+        (blobs / f.name).write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(Path("../..") / "blobs" / f.name)
+    out = tmp_path / "elsewhere" / "served"
+    assert main(["export", str(snap), str(out), "--for", "sglang"]) == 0
+    assert not (out / "model.safetensors").is_symlink()
+    assert (out / "model.safetensors").read_bytes() == (blobs / "model.safetensors").read_bytes()
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]

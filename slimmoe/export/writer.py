@@ -42,7 +42,8 @@ def read_model_config(model: Path) -> dict:
 
 
 def link_or_copy_tree(src: Path, dst: Path) -> None:
-    """Every file under ``src`` into ``dst`` (created), hard-linked where possible."""
+    """Every file under ``src`` into ``dst`` (created), hard-linked where possible. A symlink
+    (a Hugging Face cache snapshot is one per file) is followed: OUT holds the file itself."""
     for root, dirs, files in os.walk(src):
         dirs[:] = [d for d in dirs if not d.startswith(".")]  # temporaries of slimmoe's writers
         rel = Path(root).relative_to(src)
@@ -52,7 +53,7 @@ def link_or_copy_tree(src: Path, dst: Path) -> None:
                 continue
             s, d = Path(root) / name, dst / rel / name
             try:
-                os.link(s, d)
+                os.link(os.path.realpath(s), d)
             except OSError:
                 shutil.copy2(s, d)
 
