@@ -62,6 +62,7 @@ def test_export_names_the_engine_architecture(students, tmp_path, capsys, engine
     cfg, before = json.loads((out / "config.json").read_text()), json.loads((src / "config.json").read_text())
     assert cfg["architectures"] == [EXPECTED[engine][model_type]]
     assert {k: v for k, v in cfg.items() if k != "architectures"} == {k: v for k, v in before.items() if k != "architectures"}
+    assert list(cfg) == list(before)  # key order kept
     assert before["architectures"] != cfg["architectures"] or model_type != "phimoe"  # the source is untouched
     weights = sorted(p.name for p in src.glob("*.safetensors"))
     assert weights

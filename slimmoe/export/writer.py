@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from slimmoe.errors import UserError
@@ -59,11 +58,11 @@ def link_or_copy_tree(src: Path, dst: Path) -> None:
 
 
 def write_config(folder: Path, cfg: dict, architecture: str) -> None:
-    """config.json with ``architectures`` replaced; a fresh file, never written through a
-    hard link into the source folder."""
+    """config.json with ``architectures`` replaced, the other keys as they were, in their order;
+    a fresh file, never written through a hard link into the source folder."""
     path = folder / "config.json"
     path.unlink(missing_ok=True)
-    path.write_text(json.dumps({**cfg, "architectures": [architecture]}, indent=2, sort_keys=True) + "\n")
+    path.write_text(json.dumps({**cfg, "architectures": [architecture]}, indent=2) + "\n")
 
 
 def find_converter() -> Path:
@@ -111,8 +110,9 @@ def export_model(model: str | Path, out: str | Path, engine_name: str) -> Path:
             link_or_copy_tree(model, tmp)
             write_config(tmp, cfg, architecture)
         else:
-            with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.hf-") as staged:
-                link_or_copy_tree(model, Path(staged))
-                write_config(Path(staged), cfg, architecture)
-                convert_to_gguf(converter, Path(staged), tmp / GGUF_NAME)
+            staged = tmp / ".hf"  # the renamed copy the converter reads; inside tmp, so a killed
+            link_or_copy_tree(model, staged)  # run's leftovers are removed with it
+            write_config(staged, cfg, architecture)
+            convert_to_gguf(converter, staged, tmp / GGUF_NAME)
+            shutil.rmtree(staged)
     return out
