@@ -15,7 +15,11 @@ Names and rules are read from the engines' own source (checked 2026-12):
   (``@ModelBase.register("PhiMoEForCausalLM") class PhiMoeModel(Phi3MiniModel)``; Mixtral
   goes through ``LlamaModel``). ``PhiMoeModel`` inherits ``Phi3MiniModel``'s hyper-parameters,
   which derive the head size as hidden_size / num_attention_heads and ignore ``head_dim``
-  (llama.cpp issue 22524: such a checkpoint converts to a broken GGUF).
+  (llama.cpp issue 22524: such a checkpoint converts to a broken GGUF): in
+  ``Phi3MiniModel.set_gguf_parameters``, ``rope_dims = int(rot_pct * n_embd) // n_head``.
+  The same class also reads ``rope_parameters["original_max_position_embeddings"]`` and a
+  SentencePiece ``tokenizer.model`` (or a GPT2Tokenizer llama.cpp recognises); a model
+  without them fails inside the converter, which ``slimmoe export`` reports as one line.
 """
 
 from __future__ import annotations
