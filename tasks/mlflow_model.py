@@ -24,8 +24,14 @@ infer them), and the signature is given (no example is run).
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+# What a checkpoint folder without a tokenizer registers: the model's Hugging Face files only.
+HF_MODEL_FILES = ("config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json")
 
 TASK = "text-generation"
 # Generation settings a caller may pass to predict(params=...) (and to a served model).
@@ -51,15 +57,26 @@ def save_text_generation_model(model_dir: str | os.PathLike, dest: str | os.Path
     import mlflow.transformers
     from huggingface_hub import ModelCard
 
-    from slimmoe.errors import UserError
     from slimmoe.io.loading import load_model, load_tokenizer
 
     src = str(Path(model_dir).resolve())  # absolute: never mistaken for a hub repo id
-    model = load_model(src)  # the stored dtype, on CPU, under the flow's loading policy
     tokenizer = load_tokenizer(src)
     if tokenizer is None:
-        raise UserError(f"cannot register {src} as a text-generation model: the folder has no tokenizer")
+        return _weights_only(Path(src), Path(dest))
+    model = load_model(src)  # the stored dtype, on CPU, under the flow's loading policy
     mlflow.transformers.save_model(
         {"model": model, "tokenizer": tokenizer}, str(dest), task=TASK, signature=signature(),
         pip_requirements=requirements(), model_card=ModelCard("---\nlicense: other\n---\n" + card))
     return Path(dest)
+
+
+def _weights_only(src: Path, dest: Path) -> Path:
+    """A model with no tokenizer cannot be a text-generation MLflow Model: register its Hugging
+    Face files (no MLmodel, no training leftovers) and say so."""
+    log.warning("%s has no tokenizer: registering its weights and config only (not an MLflow Model; "
+                "mlflow.pyfunc cannot load it)", src)
+    dest.mkdir(parents=True)
+    for pattern in HF_MODEL_FILES:
+        for f in src.glob(pattern):
+            shutil.copy2(f, dest / f.name)
+    return dest
