@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -136,6 +139,17 @@ def test_experiment_kind_and_version_descriptions(pipeline):
         assert ppl == pytest.approx(rows[stage]["perplexity"], rel=1e-5), text
         assert f"{rows[stage]['total_params']:,} / {rows[stage]['active_params']:,}" in text, text
         assert "KL(teacher || model): not measured" not in text
+
+
+@pytest.mark.skipif(not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")),
+                    reason="no Chromium: the MLflow UI check renders the pages in a headless browser "
+                           "(Debian: apt-get install chromium)")
+def test_the_mlflow_ui_shows_the_runs_and_versions(pipeline):
+    root, _, _ = pipeline
+    script = Path(__file__).parents[1] / "scripts" / "mlflow-ui-check"
+    r = subprocess.run([sys.executable, str(script), str(root / "out")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "OK: the MLflow UI shows the runs and the model versions" in r.stdout
 
 
 def test_every_registered_version_is_an_mlflow_model_that_generates_like_its_folder(pipeline):
