@@ -206,6 +206,19 @@ def test_register_model_versions_tags_and_dedup(env, tmp_path):
         tr.register_model("tiny-demo", tmp_path / "missing", again, {"fingerprint": "fp-new"})
 
 
+def test_a_folder_without_a_tokenizer_registers_its_weights_only(env, tmp_path):
+    from tiny_models import tiny_model
+
+    tr = env["tr"]
+    d = tmp_path / "model"
+    tiny_model("phimoe").save_pretrained(d)
+    (d / "best_student.pt").write_bytes(b"\0" * 64)
+    run = _run(tr, "no-tokenizer")
+    assert tr.register_model("no-tok", d, run, {"fingerprint": "fp-no-tok"}) == "1"
+    assert _artifacts(tr, run, "model") == {"model/config.json", "model/generation_config.json",
+                                            "model/model.safetensors"}
+
+
 def test_experiment_is_a_model_training_experiment(env):
     from tasks.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING
 
