@@ -61,15 +61,34 @@ def start_stage_run(parent_run_id: str, stage: StageConfig, model: ModelRef, tea
 @task(name="register-stage-model", cache_policy=NO_CACHE)
 def register_stage_model(pipeline: str, stage: str, model: ModelRef, parent: ModelRef, parent_version: str | None,
                          tracking: TrackingSettings, run_id: str) -> str | None:
-    """A model-registry version per stage, tagged with the model it was made from."""
+    """A model-registry version per stage (an MLflow Model, transformers flavour), tagged with
+    the model it was made from and described by its sizes, metrics and parent."""
     tr = tracker(tracking)
     version = None
     if tracking.register_models:
+        metrics = tr.client.get_run(run_id).data.metrics
         version = tr.register_model(pipeline, model.path, run_id, tags={
             "stage": stage, "fingerprint": model.fingerprint, "parent_model": parent.path,
-            "parent_version": parent_version or "teacher"})
+            "parent_version": parent_version or "teacher"},
+            description=version_description(pipeline, stage, metrics, parent.path, parent_version))
     tr.finish(run_id)
     return version
+
+
+def version_description(pipeline: str, stage: str, metrics: dict, parent_path: str,
+                        parent_version: str | None) -> str:
+    """A model version's description: sizes, held-out metrics (the stage run's ``eval/...``,
+    the numbers summary.json holds) and the model it was made from."""
+    def num(key: str, fmt: str) -> str:
+        v = metrics.get(f"eval/{key}")
+        return "not measured" if v is None else format(v, fmt)
+
+    parent = (f"{pipeline} version {parent_version} ({parent_path})" if parent_version
+              else f"the teacher ({parent_path})")
+    return (f"Stage `{stage}` of pipeline `{pipeline}`, made from {parent}.\n\n"
+            f"* total / active parameters: {num('total_params', ',.0f')} / {num('active_params', ',.0f')}\n"
+            f"* perplexity: {num('perplexity', '.6g')}\n"
+            f"* KL(teacher || model): {num('kl_to_teacher', '.6g')} nats/token\n")
 
 
 @task(name="summarize", cache_policy=NO_CACHE)

@@ -35,6 +35,13 @@ MAX_KEY, MAX_PARAM_VALUE, MAX_TAG_VALUE, MAX_DIGEST = 250, 6000, 8000, 36
 PARAMS_PER_BATCH, METRICS_PER_BATCH = 100, 1000
 
 LOCAL_UI = "http://127.0.0.1:5000"
+# The experiment tag the MLflow 3 UI reads to choose an experiment's type (and its landing
+# tab): without it the UI guesses, and an experiment with no traces opens on the GenAI
+# overview. Values and key from the UI bundle shipped in the wheel
+# (mlflow/server/js/build/static/js/main.*.js: ExperimentKind.CUSTOM_MODEL_DEVELOPMENT =
+# "custom_model_development", read from tag "mlflow.experimentKind"); MLflow's own demo sets
+# the same key from Python (mlflow/demo/generators/traces.py).
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 DATA_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet", ".csv", ".arrow")
 
 
@@ -143,16 +150,20 @@ class Tracker:
         self.experiment_id = self._experiment(experiment, artifact_location)
 
     def _experiment(self, name: str, artifact_location: str | None) -> str:
+        """Get or create; marked as a model-training experiment unless a kind is already chosen."""
         exp = self.client.get_experiment_by_name(name)
         if exp is None:
             try:
-                return self.client.create_experiment(name, artifact_location=artifact_location)
+                return self.client.create_experiment(name, artifact_location=artifact_location,
+                                                     tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
             except MlflowException as e:  # another process created it first
                 if e.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
                 exp = self.client.get_experiment_by_name(name)
         if exp.lifecycle_stage == "deleted":
             self.client.restore_experiment(exp.experiment_id)
+        if EXPERIMENT_KIND_TAG not in exp.tags:  # made before slimmoe set it, or by someone else
+            self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
         return exp.experiment_id
 
     # ---- runs ----
@@ -274,23 +285,29 @@ class Tracker:
         return str(min(int(v.version) for v in found)) if found else None
 
     def register_model(self, name: str, model_dir: str | os.PathLike, run_id: str,
-                       tags: Mapping | None = None) -> str:
-        """Copy ``model_dir`` to the run's ``model/`` artifacts and register it as a new version
-        of ``name`` with ``tags``; an existing version with the same ``fingerprint`` tag is
-        returned as is (cached re-runs). Not atomic across concurrent registrations."""
+                       tags: Mapping | None = None, description: str | None = None) -> str:
+        """Log ``model_dir`` (a Hugging Face causal LM with its tokenizer) as an MLflow Model of
+        the transformers flavour at the run's ``model/`` artifacts (only the Hugging Face files:
+        tasks/mlflow_model.py) and register it as a new version of ``name`` with ``tags`` and
+        ``description``; an existing version with the same ``fingerprint`` tag is returned as
+        is (cached re-runs). Not atomic across concurrent registrations."""
+        from tasks.mlflow_model import save_text_generation_model  # heavy (torch); only when needed
+
         tags = _str_tags(tags)
         if "fingerprint" in tags and (found := self.find_version(name, tags["fingerprint"])):
             return found
         if not Path(model_dir).is_dir():
             raise FileNotFoundError(f"model folder not found: {model_dir}")
-        self.client.log_artifacts(run_id, str(model_dir), "model")
+        with tempfile.TemporaryDirectory() as tmp:
+            saved = save_text_generation_model(model_dir, Path(tmp) / "model", card=description or "")
+            self.client.log_artifacts(run_id, str(saved), "model")
         try:
             self.client.create_registered_model(name)
         except MlflowException as e:
             if e.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-        mv = self.client.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id,
-                                              tags=tags, run_link=self.run_url(run_id))
+        mv = self.client.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id, tags=tags,
+                                              run_link=self.run_url(run_id), description=description)
         return str(mv.version)
 
     # ---- summary and links ----

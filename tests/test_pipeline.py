@@ -4,6 +4,10 @@ caching across runs, and a distill task that fails once and resumes on retry."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -113,6 +117,74 @@ def test_mlflow_holds_the_lineage(pipeline):
     versions = {v.tags["stage"]: v for v in client.search_model_versions("name='tiny-pipe'")}
     assert set(versions) == {"mid", "final"}
     assert versions["final"].tags["parent_version"] == str(versions["mid"].version)
+
+
+def test_experiment_kind_and_version_descriptions(pipeline):
+    from mlflow.tracking import MlflowClient
+
+    from tasks.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING
+
+    root, _, _ = pipeline
+    summary = json.loads((root / "out" / "summary.json").read_text())
+    client = MlflowClient(summary["mlflow"]["tracking_uri"])
+    # the MLflow 3 UI opens it on its runs, not on the GenAI overview of traces
+    assert client.get_experiment_by_name("test-pipe").tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING
+    rows = {r["stage"]: r for r in summary["stages"]}
+    versions = {v.tags["stage"]: v for v in client.search_model_versions("name='tiny-pipe'")}
+    for stage, v in versions.items():
+        text = v.description
+        parent = f"tiny-pipe version {versions['mid'].version}" if stage == "final" else "the teacher"
+        assert f"made from {parent}" in text, text
+        ppl = float(re.search(r"perplexity: ([0-9.e+-]+)", text).group(1))
+        assert ppl == pytest.approx(rows[stage]["perplexity"], rel=1e-5), text
+        assert f"{rows[stage]['total_params']:,} / {rows[stage]['active_params']:,}" in text, text
+        assert "KL(teacher || model): not measured" not in text
+
+
+@pytest.mark.skipif(not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")),
+                    reason="no Chromium: the MLflow UI check renders the pages in a headless browser "
+                           "(Debian: apt-get install chromium)")
+def test_the_mlflow_ui_shows_the_runs_and_versions(pipeline):
+    root, _, _ = pipeline
+    script = Path(__file__).parents[1] / "scripts" / "mlflow-ui-check"
+    r = subprocess.run([sys.executable, str(script), str(root / "out")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "OK: the MLflow UI shows the runs and the model versions" in r.stdout
+
+
+def test_every_registered_version_is_an_mlflow_model_that_generates_like_its_folder(pipeline):
+    import mlflow
+    import mlflow.pyfunc
+    import mlflow.transformers
+    import torch
+    from mlflow.tracking import MlflowClient
+    from transformers import AutoTokenizer
+
+    root, _, _ = pipeline
+    summary = json.loads((root / "out" / "summary.json").read_text())
+    uri = summary["mlflow"]["tracking_uri"]
+    client = MlflowClient(uri)
+    rows = {r["stage"]: r for r in summary["stages"]}
+    prompt = "To be, or not"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        for v in client.search_model_versions("name='tiny-pipe'"):
+            folder = rows[v.tags["stage"]]["model"]
+            model = AutoModelForCausalLM.from_pretrained(folder)
+            tok = AutoTokenizer.from_pretrained(folder)
+            ids = tok(prompt, return_tensors="pt").input_ids
+            with torch.no_grad():
+                out = model.generate(ids, max_new_tokens=8, do_sample=False)
+            expected = prompt + tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            loaded = mlflow.pyfunc.load_model(f"models:/tiny-pipe/{v.version}")
+            got = loaded.predict([prompt], params={"max_new_tokens": 8, "do_sample": False})
+            assert got == [expected], (v.version, got, expected)
+            components = mlflow.transformers.load_model(f"models:/tiny-pipe/{v.version}", return_type="components")
+            assert components["model"].config.intermediate_size == model.config.intermediate_size
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
 
 
 def test_second_run_is_fully_cached(pipeline, monkeypatch):

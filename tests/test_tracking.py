@@ -171,24 +171,32 @@ def test_loss_curve_logs_png_and_metrics_once(env, tmp_path):
 
 
 def test_register_model_versions_tags_and_dedup(env, tmp_path):
+    from tiny_models import tiny_teacher_with_tokenizer
+
     tr = env["tr"]
     dirs = []
     for name in ("mid", "final"):
-        d = tmp_path / name / "model"
-        d.mkdir(parents=True)
-        (d / "config.json").write_text(json.dumps({"stage": name}))
-        (d / "model.safetensors").write_bytes(b"\0" * 64)
+        d, _ = tiny_teacher_with_tokenizer(tmp_path / name, corpus_chars=3000)
+        (d / "best_student.pt").write_bytes(b"\0" * 64)  # training leftovers: never registered
+        (d / "losses.jsonl").write_text("{}\n")
         dirs.append(d)
     r1, r2 = _run(tr, "mid"), _run(tr, "final")
     tags1 = {"stage": "mid", "fingerprint": "fp-mid", "parent_model": "teacher/model", "parent_version": "teacher"}
     tags2 = {"stage": "final", "fingerprint": "fp-final", "parent_model": str(dirs[0]), "parent_version": 1}
     assert tr.register_model("tiny-demo", dirs[0], r1, tags1) == "1"
-    assert tr.register_model("tiny-demo", dirs[1], r2, tags2) == "2"
+    assert tr.register_model("tiny-demo", dirs[1], r2, tags2, description="made from v1") == "2"
 
     v2 = tr.client.get_model_version("tiny-demo", "2")
     assert v2.run_id == r2 and v2.source == f"runs:/{r2}/model"
     assert v2.tags == {k: str(v) for k, v in tags2.items()}
-    assert {"model/config.json", "model/model.safetensors"} <= _artifacts(tr, r2, "model")
+    assert v2.description == "made from v1"
+    # an MLflow Model of the transformers flavour: MLmodel, the weights under model/, the tokenizer
+    # under components/; the checkpoint folder's other files stay out
+    files = _artifacts(tr, r2, "model")
+    assert {"model/MLmodel", "model/model", "model/components"} <= files
+    weights = _artifacts(tr, r2, "model/model")
+    assert {"model/model/config.json", "model/model/model.safetensors"} <= weights
+    assert not any(f.endswith(("best_student.pt", "losses.jsonl")) for f in files | weights)
 
     again = _run(tr, "mid-cached")
     assert tr.register_model("tiny-demo", dirs[0], again, tags1) == "1"
@@ -196,6 +204,31 @@ def test_register_model_versions_tags_and_dedup(env, tmp_path):
     assert _artifacts(tr, again) == set()  # nothing copied for a known fingerprint
     with pytest.raises(FileNotFoundError):
         tr.register_model("tiny-demo", tmp_path / "missing", again, {"fingerprint": "fp-new"})
+
+
+def test_a_folder_without_a_tokenizer_registers_its_weights_only(env, tmp_path):
+    from tiny_models import tiny_model
+
+    tr = env["tr"]
+    d = tmp_path / "model"
+    tiny_model("phimoe").save_pretrained(d)
+    (d / "best_student.pt").write_bytes(b"\0" * 64)
+    run = _run(tr, "no-tokenizer")
+    assert tr.register_model("no-tok", d, run, {"fingerprint": "fp-no-tok"}) == "1"
+    assert _artifacts(tr, run, "model") == {"model/config.json", "model/generation_config.json",
+                                            "model/model.safetensors"}
+
+
+def test_experiment_is_a_model_training_experiment(env):
+    from tasks.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING
+
+    tr = env["tr"]
+    assert tr.client.get_experiment(tr.experiment_id).tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING
+    # an experiment made without the tag gets it when slimmoe uses it; a chosen kind is kept
+    bare = tr.client.create_experiment("made-elsewhere")
+    assert Tracker(tr.uri, "made-elsewhere").client.get_experiment(bare).tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING
+    chosen = tr.client.create_experiment("chosen-kind", tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    assert Tracker(tr.uri, "chosen-kind").client.get_experiment(chosen).tags[EXPERIMENT_KIND_TAG] == "genai_development"
 
 
 def test_summary_lineage_and_links(env, tmp_path):
