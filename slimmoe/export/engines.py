@@ -57,45 +57,33 @@ def _phimoe_head_dim(cfg: dict) -> str | None:
     return None
 
 
+# Today all three engines register every family under the same name (each read from its own
+# source, above); an engine that diverges gets its own table.
+_REGISTERED = {
+    "phimoe": "PhiMoEForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
+    "granitemoe": "GraniteMoeForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+}
+
 VLLM = Engine(
     name="vllm", label="vLLM",
-    architectures={
-        "phimoe": "PhiMoEForCausalLM",
-        "mixtral": "MixtralForCausalLM",
-        "qwen2_moe": "Qwen2MoeForCausalLM",
-        "qwen3_moe": "Qwen3MoeForCausalLM",
-        "olmoe": "OlmoeForCausalLM",
-        "granitemoe": "GraniteMoeForCausalLM",
-        "deepseek_v3": "DeepseekV3ForCausalLM",
-    },
+    architectures=dict(_REGISTERED),
     checks={"phimoe": (_phimoe_top2,)},
 )
 
 SGLANG = Engine(
     name="sglang", label="SGLang",
-    architectures={
-        "phimoe": "PhiMoEForCausalLM",
-        "mixtral": "MixtralForCausalLM",
-        "qwen2_moe": "Qwen2MoeForCausalLM",
-        "qwen3_moe": "Qwen3MoeForCausalLM",
-        "olmoe": "OlmoeForCausalLM",
-        "granitemoe": "GraniteMoeForCausalLM",
-        "deepseek_v3": "DeepseekV3ForCausalLM",
-    },
+    architectures=dict(_REGISTERED),
     checks={},
 )
 
 LLAMA_CPP = Engine(
     name="llama.cpp", label="llama.cpp",
-    architectures={
-        "phimoe": "PhiMoEForCausalLM",
-        "mixtral": "MixtralForCausalLM",
-        "qwen2_moe": "Qwen2MoeForCausalLM",
-        "qwen3_moe": "Qwen3MoeForCausalLM",
-        "olmoe": "OlmoeForCausalLM",
-        "granitemoe": "GraniteMoeForCausalLM",
-        "deepseek_v3": "DeepseekV3ForCausalLM",
-    },
+    architectures=dict(_REGISTERED),
     checks={"phimoe": (_phimoe_head_dim,)},
 )
 
