@@ -207,3 +207,19 @@ def test_config_flag_and_pipeline_accept_the_dtype():
                                          "stages": [{"name": "a", "expert_intermediate_size": 8,
                                                      "distill": {"tokens": 64, "teacher_cache_dtype": "float32"}}]})
     assert cfg.stages[0].distill.teacher_cache_dtype == "float32"
+
+
+def test_reads_across_more_parts_than_stay_mapped(tmp_path, monkeypatch):
+    """A cache keeps at most OPEN_PARTS parts mapped; reading rows from every part in a
+    scattered order still returns each row's own top-k (checked against the stand-in teacher)."""
+    from slimmoe.distill.teacher_cache import TeacherTopkCache
+
+    vocab, n = 128, 30  # 8 parts of 4 rows
+    blocks, fn = _blocks(vocab, n=n), _logits_fn(vocab)
+    cache = _build(tmp_path, blocks, fn, vocab, dtype="float32")
+    monkeypatch.setattr(TeacherTopkCache, "OPEN_PARTS", 2)
+    for rows in ([29, 0, 13], [5, 21, 2, 17, 9], [0, 29], list(range(n))[::-1]):
+        lp, idx = cache.get(torch.tensor(rows))
+        ref_lp, ref_idx = losses.teacher_topk(fn(blocks[rows]), k=K)
+        assert torch.equal(lp, ref_lp) and torch.equal(idx, ref_idx)
+        assert len(cache._parts) <= 2

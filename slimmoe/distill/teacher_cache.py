@@ -39,6 +39,7 @@ import hashlib
 import json
 import math
 import os
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -245,23 +246,31 @@ def _write_part(entry: Path, index: dict, p: int, blocks, teacher_logits_fn, bat
 
 class TeacherTopkCache:
     """Read-only view of one complete cache entry; each part's files are memory-mapped on first
-    use, and only the rows asked for are read and converted (to float32 and int64)."""
+    use, and only the rows asked for are read and converted (to float32 and int64). At most
+    ``OPEN_PARTS`` parts stay mapped (least recently used first out): a cache of a corpus
+    far larger than RAM has tens of thousands of parts, two open files each."""
+
+    OPEN_PARTS = 64
 
     def __init__(self, path: Path, index: dict | None = None):
         self.path = Path(path)
         self.index = index if index is not None else json.loads((self.path / INDEX_FILE).read_text())
-        self._parts: dict[int, tuple[np.memmap, np.memmap]] = {}
+        self._parts: OrderedDict[int, tuple[np.memmap, np.memmap]] = OrderedDict()
 
     def __len__(self) -> int:
         return self.index["shape"][0]
 
     def _part(self, p: int) -> tuple[np.memmap, np.memmap]:
-        if p not in self._parts:
-            start, stop = _part_rows(self.index, p)
-            shape = (stop - start, *self.index["shape"][1:])
-            name = _part_name(p)
-            self._parts[p] = tuple(np.memmap(self.path / f"{name}.{suffix}", dtype=dt, mode="r", shape=shape)
-                                   for suffix, dt in file_suffixes(self.index))
+        if p in self._parts:
+            self._parts.move_to_end(p)
+            return self._parts[p]
+        start, stop = _part_rows(self.index, p)
+        shape = (stop - start, *self.index["shape"][1:])
+        name = _part_name(p)
+        self._parts[p] = tuple(np.memmap(self.path / f"{name}.{suffix}", dtype=dt, mode="r", shape=shape)
+                               for suffix, dt in file_suffixes(self.index))
+        while len(self._parts) > self.OPEN_PARTS:
+            self._parts.popitem(last=False)  # numpy closes the map when its last view goes
         return self._parts[p]
 
     def get(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
