@@ -127,10 +127,35 @@ def test_existing_out_is_replaced_whole(students, tmp_path, capsys):
 
 
 def test_llama_cpp_without_converter_is_one_line(students, tmp_path, capsys, monkeypatch):
+    import slimmoe.export.writer as writer
+
     monkeypatch.delenv("SLIMMOE_LLAMA_CPP_CONVERT", raising=False)
+    monkeypatch.setattr(writer, "installed_converter", lambda: tmp_path / "absent" / "convert_hf_to_gguf.py")
     out = tmp_path / "served"
     line = refused(["export", str(students["phimoe"]), str(out), "--for", "llama.cpp"], out, capsys)
-    assert "SLIMMOE_LLAMA_CPP_CONVERT" in line or "gguf" in line
+    assert "scripts/install-llama-cpp" in line and "SLIMMOE_LLAMA_CPP_CONVERT" in line
+
+
+def test_llama_cpp_converter_env_naming_no_file_is_one_line(students, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SLIMMOE_LLAMA_CPP_CONVERT", str(tmp_path / "nowhere.py"))
+    out = tmp_path / "served"
+    line = refused(["export", str(students["phimoe"]), str(out), "--for", "llama.cpp"], out, capsys)
+    assert "nowhere.py" in line and "is not a file" in line
+
+
+def test_llama_cpp_fills_the_original_context_its_phi3_reader_needs(students):
+    """llama.cpp's Phi3MiniModel reads rope_parameters['original_max_position_embeddings']
+    unconditionally; transformers 5 leaves it out of a model without long-context scaling."""
+    from slimmoe.export.engines import LLAMA_CPP, VLLM, engine_config
+
+    cfg = json.loads((students["phimoe"] / "config.json").read_text())
+    assert "original_max_position_embeddings" not in cfg and "original_max_position_embeddings" not in (
+        cfg.get("rope_parameters") or {})
+    filled = engine_config(LLAMA_CPP, cfg)
+    assert filled["original_max_position_embeddings"] == cfg["max_position_embeddings"]
+    assert engine_config(VLLM, cfg) == cfg
+    kept = {**cfg, "rope_parameters": {**cfg["rope_parameters"], "original_max_position_embeddings": 4096}}
+    assert engine_config(LLAMA_CPP, kept) == kept  # Phi-3.5-MoE's own value is never overwritten
 
 
 def test_cli_subprocess_exit_code(students, tmp_path):

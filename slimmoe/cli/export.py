@@ -3,7 +3,7 @@ loads, or exit 2 naming the engine limit the model would break (``slimmoe/export
 
 from __future__ import annotations
 
-from slimmoe.export import ENGINES, GGUF_NAME, export_model
+from slimmoe.export import ENGINES, GGUF_NAME, GGUF_TYPES, export_model
 
 
 def add_parser(sub) -> None:
@@ -16,10 +16,13 @@ def add_parser(sub) -> None:
     p.add_argument("out", metavar="OUT", help="the folder to write")
     p.add_argument("--for", dest="engine", required=True, choices=list(ENGINES), metavar="|".join(ENGINES),
                    help="the serving engine")
+    p.add_argument("--gguf-type", default="auto", choices=GGUF_TYPES,
+                   help="llama.cpp only: the GGUF's weight type (default: auto, 16-bit floats like the "
+                        "checkpoint's; f32 keeps float32 weights exactly)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    out = export_model(args.model, args.out, args.engine)
+    out = export_model(args.model, args.out, args.engine, args.gguf_type)
     print(f"wrote {out} for {args.engine}")
     return 0

@@ -24,12 +24,13 @@ Names and rules are read from the engines' own source (checked 2026-12):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from slimmoe.errors import UserError
 
 Check = Callable[[dict], "str | None"]  # config.json -> the broken limit in words, or None
+Fixup = Callable[[dict], dict]  # config.json -> the config.json the engine's loader needs (same model)
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class Engine:
     label: str  # as written in messages
     architectures: dict[str, str]  # model_type -> the architectures name the engine registers
     checks: dict[str, tuple[Check, ...]]  # model_type -> its limits in this engine
+    fixups: dict[str, Fixup] = field(default_factory=dict)  # model_type -> keys its loader insists on
 
 
 def _phimoe_top2(cfg: dict) -> str | None:
@@ -55,6 +57,18 @@ def _phimoe_head_dim(cfg: dict) -> str | None:
         return (f"llama.cpp's PhiMoE converter ignores head_dim and uses hidden_size / num_attention_heads "
                 f"({hidden} / {heads}); this model has head_dim={head_dim} (llama.cpp issue 22524)")
     return None
+
+
+def _phimoe_original_context(cfg: dict) -> dict:
+    """llama.cpp's ``Phi3MiniModel.set_gguf_parameters`` reads
+    ``rope_parameters["original_max_position_embeddings"]`` unconditionally (a ``KeyError``
+    otherwise; the top-level key is mirrored into it). transformers 5 writes neither for a
+    model without long-context rope scaling, whose trained context is then
+    ``max_position_embeddings``; with no ``long_factor`` llama.cpp only records the value."""
+    rope = cfg.get("rope_parameters") or {}
+    if "original_max_position_embeddings" in rope or "original_max_position_embeddings" in cfg:
+        return cfg
+    return {**cfg, "original_max_position_embeddings": cfg.get("max_position_embeddings")}
 
 
 # Today all three engines register every family under the same name (each read from its own
@@ -85,6 +99,7 @@ LLAMA_CPP = Engine(
     name="llama.cpp", label="llama.cpp",
     architectures=dict(_REGISTERED),
     checks={"phimoe": (_phimoe_head_dim,)},
+    fixups={"phimoe": _phimoe_original_context},
 )
 
 ENGINES: dict[str, Engine] = {e.name: e for e in (VLLM, SGLANG, LLAMA_CPP)}
@@ -94,6 +109,12 @@ def get_engine(name: str) -> Engine:
     if name not in ENGINES:
         raise UserError(f"--for: unknown engine {name!r}; choose one of {', '.join(ENGINES)}")
     return ENGINES[name]
+
+
+def engine_config(engine: Engine, cfg: dict) -> dict:
+    """``cfg`` with the keys ``engine``'s loader needs and transformers leaves out filled in."""
+    fixup = engine.fixups.get(cfg.get("model_type"))
+    return fixup(cfg) if fixup else cfg
 
 
 def check_config(engine: Engine, cfg: dict) -> str:

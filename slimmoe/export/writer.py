@@ -17,10 +17,13 @@ import sys
 from pathlib import Path
 
 from slimmoe.errors import UserError
-from slimmoe.export.engines import check_config, get_engine
+from slimmoe.export.engines import check_config, engine_config, get_engine
 
 CONVERTER_ENV = "SLIMMOE_LLAMA_CPP_CONVERT"  # path to llama.cpp's convert_hf_to_gguf.py
 GGUF_NAME = "model.gguf"
+# convert_hf_to_gguf.py's --outtype choices that keep the model's weights as they are, or round
+# them once (q8_0); "auto" is the converter's default: 16-bit floats of the checkpoint's kind.
+GGUF_TYPES = ("auto", "f32", "f16", "bf16", "q8_0")
 
 
 def read_model_config(model: Path) -> dict:
@@ -65,24 +68,34 @@ def write_config(folder: Path, cfg: dict, architecture: str) -> None:
     path.write_text(json.dumps({**cfg, "architectures": [architecture]}, indent=2) + "\n")
 
 
+def installed_converter() -> Path:
+    """Where ``scripts/install-llama-cpp`` puts the converter vendored in the
+    ``llama-cpp-python`` source distribution it builds: the same llama.cpp commit as the
+    installed runtime, so the GGUF it writes is one that runtime reads."""
+    return Path(sys.prefix) / "share" / "llama.cpp" / "convert_hf_to_gguf.py"
+
+
 def find_converter() -> Path:
-    """llama.cpp's convert_hf_to_gguf.py (``$SLIMMOE_LLAMA_CPP_CONVERT``) and the ``gguf``
-    package it needs (the checkout's own ``gguf-py`` next to it, else the installed one),
-    or a ``UserError`` saying what is missing."""
+    """llama.cpp's convert_hf_to_gguf.py (``$SLIMMOE_LLAMA_CPP_CONVERT``, else the one
+    ``scripts/install-llama-cpp`` installed) and the ``gguf`` package it needs (the checkout's
+    own ``gguf-py`` next to it, else the installed one), or a ``UserError`` saying what is missing."""
     where = os.environ.get(CONVERTER_ENV)
     if not where:
-        raise UserError(f"--for llama.cpp: set {CONVERTER_ENV} to llama.cpp's convert_hf_to_gguf.py "
-                        f"(a llama.cpp checkout; slimmoe does not ship the converter)")
-    path = Path(where)
-    if not path.is_file():
-        raise UserError(f"--for llama.cpp: {CONVERTER_ENV}={where} is not a file")
+        path = installed_converter()
+        if not path.is_file():
+            raise UserError(f"--for llama.cpp: llama.cpp's convert_hf_to_gguf.py is not installed: run "
+                            f"scripts/install-llama-cpp (or set {CONVERTER_ENV} to a llama.cpp checkout's)")
+    else:
+        path = Path(where)
+        if not path.is_file():
+            raise UserError(f"--for llama.cpp: {CONVERTER_ENV}={where} is not a file")
     if not (path.parent / "gguf-py").is_dir() and importlib.util.find_spec("gguf") is None:
         raise UserError("--for llama.cpp: the gguf package is missing (no gguf-py next to the converter); "
-                        "pip install 'slimmoe[llama-cpp]'")
+                        "pip install gguf")
     return path
 
 
-def convert_to_gguf(converter: Path, model_dir: Path, outfile: Path, outtype: str = "f32") -> None:
+def convert_to_gguf(converter: Path, model_dir: Path, outfile: Path, outtype: str = "auto") -> None:
     """Run llama.cpp's converter in its own process; its last line of output names a failure."""
     cmd = [sys.executable, str(converter), str(model_dir), "--outfile", str(outfile), "--outtype", outtype]
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -92,12 +105,15 @@ def convert_to_gguf(converter: Path, model_dir: Path, outfile: Path, outtype: st
         raise UserError(f"--for llama.cpp: convert_hf_to_gguf.py failed: {last}")
 
 
-def export_model(model: str | Path, out: str | Path, engine_name: str) -> Path:
+def export_model(model: str | Path, out: str | Path, engine_name: str, gguf_type: str = "auto") -> Path:
     """Write ``out`` for ``engine_name`` from the model folder ``model``; returns ``out``.
-    Refuses (``UserError``, nothing written) a family or a shape the engine cannot serve."""
+    Refuses (``UserError``, nothing written) a family or a shape the engine cannot serve.
+    ``gguf_type`` is the GGUF's weight type (llama.cpp only)."""
     from slimmoe.io.atomic import replace_folder  # torch; not needed to build the CLI
 
     engine = get_engine(engine_name)
+    if gguf_type not in GGUF_TYPES:
+        raise UserError(f"--gguf-type: {gguf_type!r} is not one of {', '.join(GGUF_TYPES)}")
     model, out = Path(model), Path(out)
     cfg = read_model_config(model)
     architecture = check_config(engine, cfg)
@@ -105,6 +121,7 @@ def export_model(model: str | Path, out: str | Path, engine_name: str) -> Path:
         raise UserError("OUT: must differ from MODEL")
     converter = find_converter() if engine.name == "llama.cpp" else None
     out.parent.mkdir(parents=True, exist_ok=True)
+    cfg = engine_config(engine, cfg)
     with replace_folder(out) as tmp:
         if converter is None:
             link_or_copy_tree(model, tmp)
@@ -113,6 +130,6 @@ def export_model(model: str | Path, out: str | Path, engine_name: str) -> Path:
             staged = tmp / ".hf"  # the renamed copy the converter reads; inside tmp, so a killed
             link_or_copy_tree(model, staged)  # run's leftovers are removed with it
             write_config(staged, cfg, architecture)
-            convert_to_gguf(converter, staged, tmp / GGUF_NAME)
+            convert_to_gguf(converter, staged, tmp / GGUF_NAME, gguf_type)
             shutil.rmtree(staged)
     return out
