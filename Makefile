@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-cache bench-data bench-quality bench-scale bench-slim ablation constraints clean
+.PHONY: install demo test test-engines bench bench-cache bench-data bench-quality bench-scale bench-slim ablation constraints clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+test-engines: $(STAMP)  # llama.cpp runs an exported GGUF as transformers runs the model (compiles llama.cpp: minutes)
+	scripts/install-llama-cpp
+	$(BIN)/python -m pytest -q -s tests/test_engines_llama_cpp.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/importance.py

@@ -24,8 +24,12 @@ def phimoe_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def phimoe_with_tokenizer(tmp_path_factory):
-    """A tiny phimoe whose vocabulary is a BPE tokenizer trained on a slice of the corpus."""
-    return tiny_teacher_with_tokenizer(tmp_path_factory.mktemp("phimoe_tok"))
+    """A tiny phimoe whose vocabulary is a BPE tokenizer trained on a slice of the corpus, plus
+    a ``tokenizer.model`` of its own bytes, standing for the SentencePiece file Phi-3.5-MoE ships
+    (transformers 5 reads it on load and never writes it back)."""
+    model_dir, text = tiny_teacher_with_tokenizer(tmp_path_factory.mktemp("phimoe_tok"))
+    (model_dir / "tokenizer.model").write_bytes(bytes(range(256)) * 4)
+    return model_dir, text
 
 
 def run_cli(args, capsys):
@@ -54,6 +58,8 @@ def test_prune_writes_loadable_checkpoint_and_plan(phimoe_with_tokenizer, tmp_pa
         assert all(0 <= j < 16 for n in layer["expert_neurons"] for j in n)
         assert len(layer["kv_groups"]) == 1
     assert (out / "tokenizer.json").exists() or (out / "tokenizer_config.json").exists()
+    # llama.cpp's Phi converter reads tokenizer.model: the student keeps the teacher's, byte for byte
+    assert (out / "tokenizer.model").read_bytes() == (model_dir / "tokenizer.model").read_bytes()
 
     code, stdout, _ = run_cli(["eval", out, "--data", text, "--seq-len", 32, "--max-blocks", 4], capsys)
     assert code == 0

@@ -33,7 +33,10 @@ def students(tmp_path_factory) -> dict[str, Path]:
     folders = {}
     for model_type in ("phimoe", "mixtral", "qwen3_moe"):
         folders[model_type] = root / model_type
-        tiny_model(model_type).save_pretrained(folders[model_type])
+        shape = {"lm_head_bias": True} if model_type == "phimoe" else {}  # Phi-3.5-MoE has both biases
+        tiny_model(model_type, **shape).save_pretrained(folders[model_type])
+    folders["phimoe_no_lm_head_bias"] = root / "phimoe_no_lm_head_bias"
+    tiny_model("phimoe").save_pretrained(folders["phimoe_no_lm_head_bias"])
     folders["phimoe_top1"] = root / "phimoe_top1"
     tiny_model("phimoe", num_experts_per_tok=1).save_pretrained(folders["phimoe_top1"])
     folders["phimoe_head_dim"] = root / "phimoe_head_dim"  # 4 heads x 16 on hidden 32
@@ -94,6 +97,14 @@ def test_llama_cpp_refuses_phimoe_with_its_own_head_dim(students, tmp_path, caps
     out = tmp_path / "served"
     line = refused(["export", str(students["phimoe_head_dim"]), str(out), "--for", "llama.cpp"], out, capsys)
     assert "head_dim=16" in line and "hidden_size / num_attention_heads" in line
+
+
+def test_llama_cpp_refuses_phimoe_without_the_biases_its_runtime_requires(students, tmp_path, capsys):
+    """llama.cpp's src/models/phimoe.cpp loads output.bias and attn_output.bias as required."""
+    out = tmp_path / "served"
+    line = refused(["export", str(students["phimoe_no_lm_head_bias"]), str(out), "--for", "llama.cpp"], out, capsys)
+    assert "lm_head_bias=false" in line and "attention_bias" not in line
+    assert main(["export", str(students["phimoe_no_lm_head_bias"]), str(out), "--for", "vllm"]) == 0
 
 
 def test_vllm_takes_phimoe_with_its_own_head_dim(students, tmp_path):
@@ -234,3 +245,17 @@ def test_symlinked_files_are_followed(students, tmp_path):
     assert not (out / "model.safetensors").is_symlink()
     assert (out / "model.safetensors").read_bytes() == (blobs / "model.safetensors").read_bytes()
     assert json.loads((out / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
+
+
+def test_llama_cpp_phimoe_export_warns_that_its_math_differs(students, tmp_path, monkeypatch, capsys):
+    """llama.cpp's PhiMoE graph uses RMSNorm and softmax top-2 routing (make test-engines
+    measures the gap); the export says so in one warning line and still writes the GGUF."""
+    pytest.importorskip("gguf")
+    script = tmp_path / "convert_hf_to_gguf.py"
+    script.write_text(FAKE_CONVERTER)
+    monkeypatch.setenv("SLIMMOE_LLAMA_CPP_CONVERT", str(script))
+    assert main(["export", str(students["phimoe"]), str(tmp_path / "served"), "--for", "llama.cpp"]) == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "RMSNorm" in warning[0] and "sparsemixer" in warning[0]
+    assert main(["export", str(students["phimoe"]), str(tmp_path / "vllm"), "--for", "vllm"]) == 0
+    assert "warning:" not in capsys.readouterr().err

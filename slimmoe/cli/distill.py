@@ -117,9 +117,9 @@ def run(args) -> int:
 
     if topology().is_main:
         if tok_dir is not None:
-            from slimmoe.io.loading import load_tokenizer
+            from slimmoe.io.loading import load_tokenizer, save_tokenizer
 
-            load_tokenizer(str(tok_dir)).save_pretrained(str(out))
+            save_tokenizer(load_tokenizer(str(tok_dir)), out)
         print(f"slimmoe distill: wrote {out} ({result.steps} steps, {result.tokens} tokens"
               + (f", best held-out at step {result.best_step}" if result.best_step is not None else "") + ")",
               file=sys.stderr)

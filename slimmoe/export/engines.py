@@ -20,6 +20,10 @@ Names and rules are read from the engines' own source (checked 2026-12):
   The same class also reads ``rope_parameters["original_max_position_embeddings"]`` and a
   SentencePiece ``tokenizer.model`` (or a GPT2Tokenizer llama.cpp recognises); a model
   without them fails inside the converter, which ``slimmoe export`` reports as one line.
+  The runtime's ``src/models/phimoe.cpp`` (``llama_model_phimoe::load_arch_tensors``) creates
+  ``output.bias`` and every layer's ``attn_output.bias`` as required tensors (flag 0, not
+  ``TENSOR_NOT_REQUIRED``), and ``n_embd_head = n_embd / n_head`` again: a PhiMoE without the
+  lm_head and attention biases Phi-3.5-MoE has converts but does not load.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class Engine:
     architectures: dict[str, str]  # model_type -> the architectures name the engine registers
     checks: dict[str, tuple[Check, ...]]  # model_type -> its limits in this engine
     fixups: dict[str, Fixup] = field(default_factory=dict)  # model_type -> keys its loader insists on
+    caveats: dict[str, str] = field(default_factory=dict)  # model_type -> how the engine's math differs
 
 
 def _phimoe_top2(cfg: dict) -> str | None:
@@ -71,6 +76,14 @@ def _phimoe_original_context(cfg: dict) -> dict:
     return {**cfg, "original_max_position_embeddings": cfg.get("max_position_embeddings")}
 
 
+def _phimoe_biases(cfg: dict) -> str | None:
+    missing = [key for key in ("attention_bias", "lm_head_bias") if not cfg.get(key)]
+    if missing:
+        return (f"llama.cpp's PhiMoE requires the attention output and lm_head biases Phi-3.5-MoE has "
+                f"(src/models/phimoe.cpp); this model has {', '.join(f'{k}=false' for k in missing)}")
+    return None
+
+
 # Today all three engines register every family under the same name (each read from its own
 # source, above); an engine that diverges gets its own table.
 _REGISTERED = {
@@ -98,8 +111,12 @@ SGLANG = Engine(
 LLAMA_CPP = Engine(
     name="llama.cpp", label="llama.cpp",
     architectures=dict(_REGISTERED),
-    checks={"phimoe": (_phimoe_head_dim,)},
+    checks={"phimoe": (_phimoe_head_dim, _phimoe_biases)},
     fixups={"phimoe": _phimoe_original_context},
+    caveats={"phimoe": (
+        "llama.cpp computes PhiMoE with RMSNorm and softmax top-2 routing (src/models/phi3.cpp) where the "
+        "model uses LayerNorm and sparsemixer, so its outputs differ from transformers' and vLLM's "
+        "(make test-engines measures it); vLLM serves this model as trained")},
 )
 
 ENGINES: dict[str, Engine] = {e.name: e for e in (VLLM, SGLANG, LLAMA_CPP)}
@@ -109,6 +126,11 @@ def get_engine(name: str) -> Engine:
     if name not in ENGINES:
         raise UserError(f"--for: unknown engine {name!r}; choose one of {', '.join(ENGINES)}")
     return ENGINES[name]
+
+
+def engine_caveat(engine: Engine, cfg: dict) -> str | None:
+    """How ``engine`` computes this family differently from transformers, or None."""
+    return engine.caveats.get(cfg.get("model_type"))
 
 
 def engine_config(engine: Engine, cfg: dict) -> dict:

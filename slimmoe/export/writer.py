@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from slimmoe.errors import UserError
-from slimmoe.export.engines import check_config, engine_config, get_engine
+from slimmoe.export.engines import check_config, engine_caveat, engine_config, get_engine
 
 CONVERTER_ENV = "SLIMMOE_LLAMA_CPP_CONVERT"  # path to llama.cpp's convert_hf_to_gguf.py
 GGUF_NAME = "model.gguf"
@@ -132,4 +132,7 @@ def export_model(model: str | Path, out: str | Path, engine_name: str, gguf_type
             write_config(staged, cfg, architecture)
             convert_to_gguf(converter, staged, tmp / GGUF_NAME, gguf_type)
             shutil.rmtree(staged)
+    caveat = engine_caveat(engine, cfg)
+    if caveat:
+        print(f"warning: --for {engine.name}: {caveat}", file=sys.stderr)
     return out

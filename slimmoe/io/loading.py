@@ -160,6 +160,24 @@ def has_tokenizer(path) -> bool:
     return any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
 
 
+def save_tokenizer(tokenizer, out: str | Path) -> None:
+    """``tokenizer.save_pretrained(out)``, plus the vocabulary files of the folder it was loaded
+    from that transformers 5 does not write back. A SentencePiece ``tokenizer.model`` (Phi-3.5-MoE
+    and Mixtral ship one) is read into the fast tokenizer on load and never saved again, while
+    llama.cpp's converter reads the ``.model`` file (``Phi3MiniModel.set_vocab``)."""
+    import shutil
+
+    out = Path(out)
+    tokenizer.save_pretrained(str(out))
+    src = Path(getattr(tokenizer, "name_or_path", "") or "")
+    if not src.is_dir() or src.resolve() == out.resolve():
+        return
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file() and not (out / name).exists():
+            shutil.copy2(src / name, out / f".{name}.tmp")
+            os.replace(out / f".{name}.tmp", out / name)
+
+
 def load_tokenizer(path: str):
     """The checkpoint's tokenizer, or None when it has none."""
     from transformers import AutoTokenizer

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from slimmoe.io.atomic import replace_folder
-from slimmoe.io.loading import load_config, load_tokenizer
+from slimmoe.io.loading import load_config, load_tokenizer, save_tokenizer
 from slimmoe.pipeline.steps.refs import ModelRef
 
 
@@ -29,5 +29,5 @@ def init_scratch(shape_dir: str | Path, out_dir: str | Path, seed: int) -> Model
     with replace_folder(Path(out_dir)) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, tmp)
     return ModelRef.of(out_dir)

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from slimmoe.arch import get_adapter
 from slimmoe.io.atomic import replace_folder
+from slimmoe.io.loading import save_tokenizer
 from slimmoe.prune.plan import SlimPlan
 from slimmoe.prune.selection import check_plan, plan_selections
 from slimmoe.resources import check_disk, state_dict_bytes
@@ -81,7 +82,7 @@ def save_slimmed(model: nn.Module, plan: SlimPlan, out: str | Path, tokenizer=No
     with replace_folder(Path(out), point="slim:write") as tmp:
         model.save_pretrained(tmp, **kw)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, tmp)
         for name, write in (extra or {}).items():
             write(tmp / name)
         plan.save(tmp)

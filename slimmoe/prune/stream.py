@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM
 from slimmoe.arch import get_adapter
 from slimmoe.errors import UserError
 from slimmoe.io.atomic import replace_folder
-from slimmoe.io.loading import SAFETENSORS_INDEX, check_weights, load_config
+from slimmoe.io.loading import SAFETENSORS_INDEX, check_weights, load_config, save_tokenizer
 from slimmoe.prune.checkpoint import SINGLE_FILE, SourceCheckpoint, Stored, StoredLayout
 from slimmoe.prune.plan import SlimPlan
 from slimmoe.prune.selection import Keep, plan_selections
@@ -90,7 +90,7 @@ def slim_streamed(source: str | Path, plan: SlimPlan, out: str | Path, tokenizer
         writer.finish(total_parameters=slim.num_parameters())
         _save_config(slim, tmp)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, tmp)
         for name, write in (extra or {}).items():
             write(tmp / name)
         plan.save(tmp)
