@@ -141,6 +141,7 @@ def test_experiment_kind_and_version_descriptions(pipeline):
         assert "KL(teacher || model): not measured" not in text
 
 
+@pytest.mark.slow  # ~50 s on 2 cores (an MLflow server and a browser): `make test-slow`
 @pytest.mark.skipif(not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")),
                     reason="no Chromium: the MLflow UI check renders the pages in a headless browser "
                            "(Debian: apt-get install chromium)")
