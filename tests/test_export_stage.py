@@ -5,9 +5,10 @@ model's content and the engine (the end-to-end run is in tests/test_pipeline.py)
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
-from tiny_models import tiny_config
+from tiny_models import tiny_config, tiny_model
 
 from slimmoe.errors import UserError
 from slimmoe.pipeline.preflight import check_exports
@@ -49,6 +50,37 @@ def test_llama_cpp_needs_its_converter(monkeypatch, tmp_path):
 def test_a_family_the_engine_lacks_is_refused():
     with pytest.raises(UserError, match=r"^stages\.0\.export\.0: vLLM has no implementation for model_type 'jamba'"):
         check_exports(0, ["vllm"], {"model_type": "jamba"})
+
+
+STAND_IN_CONVERTER = """
+import argparse, json, sys
+from pathlib import Path
+p = argparse.ArgumentParser()
+p.add_argument("model"); p.add_argument("--outfile"); p.add_argument("--outtype")
+a = p.parse_args()
+if json.loads((Path(a.model) / "config.json").read_text())["architectures"] != ["PhiMoEForCausalLM"]:
+    sys.exit("Model PhimoeForCausalLM is not supported")
+Path(a.outfile).write_bytes(b"GGUF")
+"""
+
+
+def test_the_export_step_writes_the_engine_folder_and_tags_the_stage_run(tmp_path, monkeypatch):
+    """The task's body (the flow run is in tests/test_pipeline.py): llama.cpp through a stand-in
+    converter with llama.cpp's command line, the folder named on the stage's run."""
+    script = tmp_path / "llama.cpp" / "convert_hf_to_gguf.py"
+    (script.parent / "gguf-py").mkdir(parents=True)  # a checkout's own gguf package
+    script.write_text(STAND_IN_CONVERTER)
+    monkeypatch.setenv("SLIMMOE_LLAMA_CPP_CONVERT", str(script))
+    tags = {}
+    stub = SimpleNamespace(client=SimpleNamespace(set_tag=lambda run, k, v: tags.update({(run, k): v})))
+    monkeypatch.setattr(steps, "tracker", lambda tracking: stub)
+    tiny_model("phimoe").save_pretrained(tmp_path / "final" / "model")
+    out = tmp_path / "final" / "export" / "llama.cpp"
+    res = steps.export.fn("final", ModelRef(path=str(tmp_path / "final" / "model"), fingerprint="f"), "llama.cpp",
+                          out, TrackingSettings(uri="sqlite:///a.db", experiment="e"), "run-1")
+    assert res == {"engine": "llama.cpp", "path": str(out)}
+    assert (out / "model.gguf").read_bytes() == b"GGUF"
+    assert tags == {("run-1", "slimmoe.export.llama.cpp"): str(out)}
 
 
 def export_inputs(**change) -> dict:
