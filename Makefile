@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-engines bench bench-cache bench-data bench-quality bench-scale bench-slim ablation constraints clean
+.PHONY: install demo test test-slow test-engines bench bench-cache bench-data bench-quality bench-scale bench-slim ablation constraints clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,8 +18,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/slimmoe demo
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+test: $(STAMP)  # everything but the opt-in `slow` checks (under 15 min on 2 cores)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+test-slow: $(STAMP)  # the opt-in `slow` checks: two-node work-pool run, MLflow UI in headless Chromium (~7 min)
+	$(BIN)/python -m pytest -q -m slow tests
 
 test-engines: $(STAMP)  # llama.cpp runs an exported GGUF as transformers runs the model (compiles llama.cpp: minutes)
 	scripts/install-llama-cpp

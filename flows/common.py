@@ -41,7 +41,7 @@ def tracking_settings(config) -> TrackingSettings:
 
 @dataclass
 class StageOutputs:
-    """Where a stage writes: ``<root>/<stage>/{importance.pt, pruned/, model/}``
+    """Where a stage writes: ``<root>/<stage>/{importance.pt, pruned/, model/, export/<engine>/}``
     (a stage without distillation slims straight into ``model/``); ``root`` also holds the
     step cache."""
 
@@ -59,6 +59,11 @@ class StageOutputs:
     @property
     def model(self) -> Path:
         return self.root / self.stage / "model"
+
+
+def export_dir(model_dir: Path, engine: str) -> Path:
+    """Where a stage's export for ``engine`` goes: ``<stage>/export/<engine>/``, beside ``model/``."""
+    return Path(model_dir).parent / "export" / engine
 
 
 def teacher_row(path: str, metrics: dict, run_id: str) -> dict:

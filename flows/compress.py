@@ -12,7 +12,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.common import StageOutputs, fingerprint, flow_guard, stage_row, teacher_row, tracking_settings
+from flows.common import StageOutputs, export_dir, fingerprint, flow_guard, stage_row, teacher_row, tracking_settings
 from slimmoe.config import LaunchConfig
 from slimmoe.pipeline.resolve import resolve_pipeline
 from slimmoe.pipeline.schema import PipelineConfig, StageConfig
@@ -54,7 +54,7 @@ def compress_stage(pipeline: str, stage: StageConfig, current: ModelRef, current
                    teacher: ModelRef, blocks: TokenBlocks, tracking: TrackingSettings, parent: str, where,
                    scores: ImportanceRef | None = None,
                    launch: LaunchConfig = LaunchConfig()) -> tuple[dict, ModelRef, str | None]:
-    """importance -> slim -> distill -> evaluate -> register, for one stage; returns its summary
+    """importance -> slim -> distill -> evaluate -> export -> register, for one stage; returns its summary
     row, its model and that model's registered version. ``where`` names the stage's outputs
     (``StageOutputs`` or the ablation's ``ArmOutputs``; its ``root`` holds the step cache).
 
@@ -75,5 +75,12 @@ def compress_stage(pipeline: str, stage: StageConfig, current: ModelRef, current
         student = cached(steps.distill, root, where.model)(stage.name, small, teacher, blocks, stage.distill,
                                                            where.model, tracking, run, launch)
     metrics = cached(steps.evaluate, root)(stage.name, student, blocks, stage.eval, tracking, run, teacher=teacher)
+    exports = {}
+    for engine in stage.export:  # serving folders of the final model, before its run is finished
+        out = export_dir(where.model, engine)
+        exports[engine] = cached(steps.export, root, out)(stage.name, student, engine, out, tracking, run)["path"]
     version = lineage.register_stage_model(pipeline, stage.name, student, current, current_version, tracking, run)
-    return stage_row(stage.name, small, student, scores, metrics, run, version), student, version
+    row = stage_row(stage.name, small, student, scores, metrics, run, version)
+    if exports:
+        row["export"] = exports
+    return row, student, version

@@ -24,6 +24,9 @@ from tasks.tracking import TrackingSettings
 
 KEY_TAG = "slimmoe.key"
 SUMMARY_FILE = "summary.json"
+# Stage settings that change no result of the stage's run: asking for an export later keeps
+# the same runs (each export names its folder in a ``slimmoe.export.<engine>`` tag instead).
+NOT_RUN_PARAMS = ("export",)
 
 
 def run_key(*parts) -> str:
@@ -42,7 +45,7 @@ def find_run(tr, key: str) -> str | None:
 def start_pipeline_run(config: PipelineConfig, teacher: ModelRef, blocks: TokenBlocks,
                        tracking: TrackingSettings) -> str:
     tr = tracker(tracking)
-    params = config.model_dump(mode="json")
+    params = config.model_dump(mode="json", exclude={"stages": {"__all__": set(NOT_RUN_PARAMS)}})
     key = run_key(params, teacher.fingerprint, blocks.fingerprint)
     return find_run(tr, key) or tr.start_pipeline(
         config.name, params, tags={KEY_TAG: key, "slimmoe.teacher": teacher.path})
@@ -52,7 +55,7 @@ def start_pipeline_run(config: PipelineConfig, teacher: ModelRef, blocks: TokenB
 def start_stage_run(parent_run_id: str, stage: StageConfig, model: ModelRef, teacher: ModelRef, blocks: TokenBlocks,
                     tracking: TrackingSettings) -> str:
     tr = tracker(tracking)
-    params = stage.model_dump(mode="json")
+    params = stage.model_dump(mode="json", exclude=set(NOT_RUN_PARAMS))
     key = run_key(params, model.fingerprint, teacher.fingerprint, blocks.fingerprint)
     return find_run(tr, key) or tr.start_stage(
         parent_run_id, stage.name, params, tags={KEY_TAG: key, "slimmoe.input_model": model.path})

@@ -22,6 +22,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from slimmoe.config import DistillConfig, ImportanceConfig, LaunchConfig, SlimTargets
 from slimmoe.errors import UserError
+from slimmoe.export import export_model
 from slimmoe.pipeline import steps as library
 from slimmoe.pipeline.schema import DataConfig, EvalConfig
 from slimmoe.pipeline.steps import DistilledModel, ImportanceRef, ModelRef, SlimmedModel, TokenBlocks
@@ -229,3 +230,17 @@ def evaluate(stage: str, model: ModelRef, blocks: TokenBlocks, settings: EvalCon
                  f"* MLflow run: [{run_id}]({tr.run_url(run_id)})\n",
     )
     return metrics
+
+
+EXPORT_TAG = "slimmoe.export.{engine}"  # the stage run's tag naming the folder exported for an engine
+
+
+@task(name="export", task_run_name="export-{stage}-{engine}", cache_policy=step_policy())
+def export(stage: str, model: ModelRef, engine: str, out_dir: Path, tracking: TrackingSettings, run_id: str) -> dict:
+    """What ``engine`` loads of the stage's final model, written to ``out_dir`` as
+    ``slimmoe export --for ENGINE`` writes it (hard links to the model's files where the file
+    system allows). The stage's run gets a tag naming the folder; nothing is uploaded (the
+    registered version already holds the weights)."""
+    out = export_model(model.path, out_dir, engine)
+    tracker(tracking).client.set_tag(run_id, EXPORT_TAG.format(engine=engine), str(out))
+    return {"engine": engine, "path": str(out)}

@@ -272,6 +272,7 @@ def test_compress_deployment_runs_on_a_worker(prefect_stack, tmp_path):
     assert {r["model_version"] for r in summary["stages"][1:]} == {str(v.version) for v in versions}
 
 
+@pytest.mark.slow  # ~100 s on 2 cores: `make test-slow`
 def test_a_step_across_two_nodes_through_the_work_pool(prefect_stack, tmp_path):
     """launch: {nnodes: 2}: node 0 is the `slimmoe run` process; node 1 is a worker serving the
     work queue node-1. The importance and distill tasks on node 0 start node 1's share as a run of

@@ -40,7 +40,7 @@ def pipeline(tmp_path_factory, prefect_server):
         "data": {"train": str(corpus), "eval_fraction": 0.1, "seq_len": 32},
         "stages": [
             {"name": "mid", "expert_intermediate_size": 12, "importance": {"samples": 8},
-             "distill": {"tokens": 4096, "batch_size": 8, "checkpoint_every": 4, "lr": 1e-3}},
+             "distill": {"tokens": 4096, "batch_size": 8, "checkpoint_every": 4, "lr": 1e-3}, "export": ["vllm"]},
             {"name": "final", "expert_intermediate_size": 8, "num_key_value_heads": 1, "importance": {"samples": 8},
              "distill": {"tokens": 4096, "batch_size": 8, "checkpoint_every": 4, "lr": 1e-3}},
         ],
@@ -70,6 +70,26 @@ def test_first_run_with_a_failing_distill_retries_and_resumes(pipeline, monkeypa
         assert stages[name]["distill_steps"] == 16  # 4096 tokens / (8 x 32)
     states = last_task_states()
     assert states["distill-mid"] == "Completed" and states["distill-final"] == "Completed"
+
+
+def test_a_stage_export_is_what_vllm_loads_and_its_run_names_it(pipeline):
+    from mlflow.tracking import MlflowClient
+
+    root, _, _ = pipeline
+    folder = root / "out" / "mid" / "export" / "vllm"
+    exported = json.loads((folder / "config.json").read_text())
+    stock = json.loads((root / "out" / "mid" / "model" / "config.json").read_text())
+    assert exported["architectures"] == ["PhiMoEForCausalLM"] and stock["architectures"] == ["PhimoeForCausalLM"]
+    assert {k: v for k, v in exported.items() if k != "architectures"} == \
+        {k: v for k, v in stock.items() if k != "architectures"}
+    assert (folder / "model.safetensors").read_bytes() == (root / "out" / "mid" / "model" / "model.safetensors").read_bytes()
+    assert not (root / "out" / "final" / "export").exists()  # only the stage that asked
+    summary = json.loads((root / "out" / "summary.json").read_text())
+    rows = {r["stage"]: r for r in summary["stages"]}
+    assert rows["mid"]["export"] == {"vllm": str(folder)} and "export" not in rows["final"]
+    run = MlflowClient(summary["mlflow"]["tracking_uri"]).get_run(rows["mid"]["mlflow_run_id"])
+    assert run.data.tags["slimmoe.export.vllm"] == str(folder)
+    assert last_task_states()["export-mid-vllm"] == "Completed"
 
 
 def test_every_stage_model_loads_with_the_planned_shape(pipeline):
@@ -141,11 +161,15 @@ def test_experiment_kind_and_version_descriptions(pipeline):
         assert "KL(teacher || model): not measured" not in text
 
 
+@pytest.mark.slow  # ~50 s on 2 cores (an MLflow server and a browser): `make test-slow`
 @pytest.mark.skipif(not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")),
                     reason="no Chromium: the MLflow UI check renders the pages in a headless browser "
                            "(Debian: apt-get install chromium)")
-def test_the_mlflow_ui_shows_the_runs_and_versions(pipeline):
-    root, _, _ = pipeline
+def test_the_mlflow_ui_shows_the_runs_and_versions(pipeline, monkeypatch):
+    root, path, _ = pipeline
+    if not (root / "out" / "summary.json").is_file():  # selected alone (`make test-slow`): run the pipeline first
+        monkeypatch.delenv(FAULT_ENV, raising=False)
+        run(path)
     script = Path(__file__).parents[1] / "scripts" / "mlflow-ui-check"
     r = subprocess.run([sys.executable, str(script), str(root / "out")], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -195,6 +219,7 @@ def test_second_run_is_fully_cached(pipeline, monkeypatch):
     states = last_task_states()
     steps = {n: s for n, s in states.items() if n.split("-")[0] in STEP_TASKS or n.startswith("prepare-data")}
     assert len(steps) == 10 and set(steps.values()) == {"Cached"}, steps
+    assert states["export-mid-vllm"] == "Cached"
     assert (root / "out" / "final" / "model" / "model.safetensors").stat().st_mtime_ns == before
 
 

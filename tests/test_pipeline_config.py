@@ -43,6 +43,9 @@ def test_overrides_and_prune_only_stage(tmp_path):
     ({**BASE, "stages": [{"name": "a"}, {"name": "a"}]}, "unique"),
     ({**BASE, "stages": [{"name": "a/b"}]}, "stages.0.name"),
     ({**BASE, "stages": [{"name": "a", "distill": {"tokens": 0}}]}, "stages.0.distill.tokens"),
+    ({**BASE, "stages": [{"name": "a"}, {"name": "b", "export": ["vllm", "tensorrt"]}]},
+     "stages.1.export.1: unknown engine 'tensorrt'; choose one of vllm, sglang, llama.cpp"),
+    ({**BASE, "stages": [{"name": "a", "export": ["vllm", "vllm"]}]}, "stages.0.export: vllm listed more than once"),
 ])
 def test_bad_configs_exit_2_naming_the_field(tmp_path, capsys, data, needle):
     assert main(["run", str(write(tmp_path, data))]) == 2

@@ -88,6 +88,29 @@ def check_smaller(i: int, before: dict, after: dict, earlier: str) -> None:
                         "every stage must reduce a size")
 
 
+def check_exports(i: int, engines: list[str], student) -> None:
+    """Every engine ``stages.i.export`` names must serve the stage's model, whose config
+    (``student``, the teacher's cut to the stage's sizes) is known before any work: the
+    limits ``slimmoe export`` would refuse at the end of the stage (vLLM PhiMoE top-2 only,
+    llama.cpp PhiMoE head_dim = hidden / heads, a family the engine lacks), and llama.cpp's
+    converter, which must be there."""
+    from slimmoe.export.engines import check_config, get_engine
+    from slimmoe.export.writer import find_converter
+
+    cfg = student.to_dict() if hasattr(student, "to_dict") else dict(student)
+    for j, name in enumerate(engines):
+        try:
+            engine = get_engine(name)
+            check_config(engine, cfg)
+            if engine.name == "llama.cpp":
+                find_converter()
+        except UserError as e:
+            msg = str(e)
+            if msg.startswith("--for "):  # the CLI's field; here the config's names it
+                msg = msg.split(": ", 1)[-1]
+            raise UserError(f"stages.{i}.export.{j}: {msg}") from None
+
+
 def check_tokenizer(teacher: str, config):
     """The teacher's tokenizer, which must exist and fit its vocabulary."""
     tok = load_tokenizer(teacher)

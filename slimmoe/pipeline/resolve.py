@@ -15,7 +15,14 @@ from typing import Callable, TypeVar
 from slimmoe.arch import get_adapter
 from slimmoe.errors import UserError
 from slimmoe.io.loading import load_config
-from slimmoe.pipeline.preflight import check_data_paths, check_smaller, check_teacher_and_data, check_topk, cut
+from slimmoe.pipeline.preflight import (
+    check_data_paths,
+    check_exports,
+    check_smaller,
+    check_teacher_and_data,
+    check_topk,
+    cut,
+)
 from slimmoe.pipeline.schema import PipelineConfig, StageConfig
 from slimmoe.prune.plan import resolve_targets, source_sizes
 from slimmoe.prune.schedule import format_schedule, interpolate_stages
@@ -134,7 +141,8 @@ def check_config(cfg: PipelineConfig):
     """The checks that need only the teacher's config.json: a missing, dense or unsupported
     teacher, missing data paths, top-k beyond the vocabulary, and stage targets its
     predecessor cannot be cut to (larger, not smaller, KV heads not dividing the query
-    heads). Returns the teacher's config."""
+    heads), and serving engines a stage exports for that could not serve its model
+    (:func:`~slimmoe.pipeline.preflight.check_exports`). Returns the teacher's config."""
     teacher = load_config(cfg.teacher, "teacher")
     adapter = get_adapter(teacher)
     check_data_paths(cfg.data)
@@ -146,4 +154,5 @@ def check_config(cfg: PipelineConfig):
         t = cut(adapter, current, stage.targets(), f"stages.{i}.")
         if cfg.schedule is None:
             check_smaller(i, before, t, f"stages.{i - 1}" if i else "the teacher")
+        check_exports(i, stage.export, current)
     return teacher

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from slimmoe.config import (
     DROP_EXPERT_SCORES,
@@ -28,6 +28,7 @@ from slimmoe.config import (
     load_yaml,
     parse_param_count,
 )
+from slimmoe.export.engines import ENGINES
 
 DEFAULT_STAGE_TOKENS = 1_000_000
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -105,6 +106,23 @@ class StageSettings(StrictModel):
         return v
 
 
+def _engine_name(v: str) -> str:
+    """A stage's ``export`` entry: a serving engine ``slimmoe export --for`` knows."""
+    if v not in ENGINES:
+        raise ValueError(f"unknown engine {v!r}; choose one of {', '.join(ENGINES)}")
+    return v
+
+
+EngineName = Annotated[str, AfterValidator(_engine_name)]
+
+
+def _distinct_engines(v: list[str]) -> list[str]:
+    twice = sorted({e for e in v if v.count(e) > 1})
+    if twice:
+        raise ValueError(f"{', '.join(twice)} listed more than once")
+    return v
+
+
 def _default_reap(data: Any) -> Any:
     """``drop`` without an explicit ``importance.expert_score`` uses ``reap`` (the default is taylor)."""
     if not isinstance(data, dict) or data.get("strategy") not in DROP_STRATEGIES:
@@ -148,7 +166,9 @@ class StageConfig(StageSettings):
     target only ``num_key_value_heads`` may be given explicitly; explicit sizes are used as
     given (a resolved stage keeps its strategy and carries all three). ``drop`` and
     ``slim+drop`` score whole experts by ``importance.expert_score`` frequency or reap
-    (reap when not set).
+    (reap when not set). ``export: [vllm, llama.cpp]`` writes, once the stage's model is
+    final, what each serving engine loads into ``<stage>/export/<engine>/`` (as
+    ``slimmoe export``); the engines' limits are checked before the run starts.
     """
 
     name: str
@@ -158,8 +178,11 @@ class StageConfig(StageSettings):
     strategy: Strategy = Field("slim", description="slim: expert width; drop: whole experts; slim+drop: both")
     total_params: int | None = Field(None, gt=0, description="target total parameters (instead of sizes)")
     active_params: int | None = Field(None, gt=0, description="target active parameters (instead of sizes)")
+    export: list[EngineName] = Field(default_factory=list, description="serving engines (vllm, sglang, llama.cpp) "
+                                     "the stage's model is exported for, into <stage>/export/<engine>/")
 
     _name = field_validator("name")(classmethod(lambda cls, v: _folder_name(v)))
+    _engines = field_validator("export")(classmethod(lambda cls, v: _distinct_engines(v)))
     _counts = field_validator("total_params", "active_params", mode="before")(
         classmethod(lambda cls, v: parse_param_count(v)))
 
