@@ -46,12 +46,12 @@ NEW_TOKENS = 32
 LOGIT_TOL = 1e-5  # of the largest logit: float32 kernels (and a float32 KV cache) summing in another order
 
 
-def exported(root: Path, model_type: str) -> tuple[Path, Path]:
+def exported(root: Path, model_type: str, **shape) -> tuple[Path, Path]:
     """A tiny teacher trained 150 steps on Shakespeare, slimmed by ``slimmoe prune`` to half the
     expert width (Phi-mini's cut: heads kept), exported as a float32 GGUF."""
     text = CORPUS.read_text()[:TRAIN_CHARS]
     (root / "calibration.txt").write_text(text)
-    teacher = moe_with_sentencepiece(root / "teacher", text, model_type, train_steps=150)
+    teacher = moe_with_sentencepiece(root / "teacher", text, model_type, train_steps=150, **shape)
     student, served = root / "student", root / "gguf"
     assert main(["prune", str(teacher), str(student), "--expert-intermediate-size", "32", "--samples", "8",
                  "--seq-len", "64", "--data", str(root / "calibration.txt"), "--no-progress"]) == 0
@@ -66,7 +66,8 @@ def mixtral(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def phimoe(tmp_path_factory):
-    return exported(tmp_path_factory.mktemp("phimoe"), "phimoe")
+    # without an lm_head bias: the export adds the zero bias llama.cpp's PhiMoE requires
+    return exported(tmp_path_factory.mktemp("phimoe"), "phimoe", lm_head_bias=False)
 
 
 def compare(model, gguf: Path, prompt: list[int]) -> dict:

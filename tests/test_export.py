@@ -35,8 +35,6 @@ def students(tmp_path_factory) -> dict[str, Path]:
         folders[model_type] = root / model_type
         shape = {"lm_head_bias": True} if model_type == "phimoe" else {}  # Phi-3.5-MoE has both biases
         tiny_model(model_type, **shape).save_pretrained(folders[model_type])
-    folders["phimoe_no_lm_head_bias"] = root / "phimoe_no_lm_head_bias"
-    tiny_model("phimoe").save_pretrained(folders["phimoe_no_lm_head_bias"])
     folders["phimoe_top1"] = root / "phimoe_top1"
     tiny_model("phimoe", num_experts_per_tok=1).save_pretrained(folders["phimoe_top1"])
     folders["phimoe_head_dim"] = root / "phimoe_head_dim"  # 4 heads x 16 on hidden 32
@@ -99,12 +97,36 @@ def test_llama_cpp_refuses_phimoe_with_its_own_head_dim(students, tmp_path, caps
     assert "head_dim=16" in line and "hidden_size / num_attention_heads" in line
 
 
-def test_llama_cpp_refuses_phimoe_without_the_biases_its_runtime_requires(students, tmp_path, capsys):
-    """llama.cpp's src/models/phimoe.cpp loads output.bias and attn_output.bias as required."""
+@pytest.mark.parametrize("engine", ["vllm", "sglang"])
+@pytest.mark.parametrize("missing", ["lm_head_bias", "attention_bias"])
+def test_phimoe_without_biases_gets_zero_biases_the_engines_require(students, tmp_path, engine, missing):
+    """vLLM, SGLang and llama.cpp build PhiMoE's attention and lm_head biases as required
+    parameters; an export of a PhiMoE without them adds zeros (one extra indexed file), leaves
+    the source untouched, and computes exactly what the source computes."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    src = tmp_path / "src"
+    tiny_model("phimoe", **{"lm_head_bias": True, "attention_bias": True, missing: False}).save_pretrained(src)
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
     out = tmp_path / "served"
-    line = refused(["export", str(students["phimoe_no_lm_head_bias"]), str(out), "--for", "llama.cpp"], out, capsys)
-    assert "lm_head_bias=false" in line and "attention_bias" not in line
-    assert main(["export", str(students["phimoe_no_lm_head_bias"]), str(out), "--for", "vllm"]) == 0
+    assert main(["export", str(src), str(out), "--for", engine]) == 0
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["lm_head_bias"] is True and cfg["attention_bias"] is True
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    added = sorted(k for k, f in index.items() if f == "model-00002-of-00002.safetensors")
+    expected = ["lm_head.bias"] if missing == "lm_head_bias" else sorted(
+        f"model.layers.{i}.self_attn.{p}_proj.bias" for i in range(2) for p in "qkvo")
+    assert added == expected
+    with safe_open(str(out / "model-00002-of-00002.safetensors"), "pt") as f:
+        assert all(not f.get_tensor(k).any() for k in added)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(src).eval()(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits
+    assert torch.equal(ref, got)
 
 
 def test_vllm_takes_phimoe_with_its_own_head_dim(students, tmp_path):

@@ -8,6 +8,9 @@ Names and rules are read from the engines' own source (checked 2026-12):
   ``"PhiMoEForCausalLM": ("phimoe", "PhiMoEForCausalLM")``); top-2 from
   ``vllm/model_executor/models/phimoe.py`` ``phimoe_routing_function``:
   ``assert topk == 2, "Only top-2 routing is supported"``.
+  Its ``PhiMoEAttention`` builds ``qkv_proj``/``o_proj`` with ``bias=True`` and its lm_head with
+  ``bias=True``; it normalises with ``nn.LayerNorm`` and routes with ``sparsemixer`` as
+  transformers does (``jitter_eps`` fixed at 0.01, Phi-3.5-MoE's ``router_jitter_noise``).
 - SGLang: ``python/sglang/srt/models/<family>.py`` ``EntryClass`` (``phimoe.py``:
   ``EntryClass = PhiMoEForCausalLM``; ``deepseek_v2.py`` lists ``DeepseekV3ForCausalLM``).
   SGLang's PhiMoE reads ``head_dim`` from the config.
@@ -23,7 +26,8 @@ Names and rules are read from the engines' own source (checked 2026-12):
   The runtime's ``src/models/phimoe.cpp`` (``llama_model_phimoe::load_arch_tensors``) creates
   ``output.bias`` and every layer's ``attn_output.bias`` as required tensors (flag 0, not
   ``TENSOR_NOT_REQUIRED``), and ``n_embd_head = n_embd / n_head`` again: a PhiMoE without the
-  lm_head and attention biases Phi-3.5-MoE has converts but does not load.
+  lm_head and attention biases Phi-3.5-MoE has converts but does not load. vLLM and SGLang
+  build them as parameters too; ``slimmoe/export/biases.py`` adds them as zeros for all three.
 """
 
 from __future__ import annotations
@@ -76,14 +80,6 @@ def _phimoe_original_context(cfg: dict) -> dict:
     return {**cfg, "original_max_position_embeddings": cfg.get("max_position_embeddings")}
 
 
-def _phimoe_biases(cfg: dict) -> str | None:
-    missing = [key for key in ("attention_bias", "lm_head_bias") if not cfg.get(key)]
-    if missing:
-        return (f"llama.cpp's PhiMoE requires the attention output and lm_head biases Phi-3.5-MoE has "
-                f"(src/models/phimoe.cpp); this model has {', '.join(f'{k}=false' for k in missing)}")
-    return None
-
-
 # Today all three engines register every family under the same name (each read from its own
 # source, above); an engine that diverges gets its own table.
 _REGISTERED = {
@@ -111,7 +107,7 @@ SGLANG = Engine(
 LLAMA_CPP = Engine(
     name="llama.cpp", label="llama.cpp",
     architectures=dict(_REGISTERED),
-    checks={"phimoe": (_phimoe_head_dim, _phimoe_biases)},
+    checks={"phimoe": (_phimoe_head_dim,)},
     fixups={"phimoe": _phimoe_original_context},
     caveats={"phimoe": (
         "llama.cpp computes PhiMoE with RMSNorm and softmax top-2 routing (src/models/phi3.cpp) where the "

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from slimmoe.errors import UserError
+from slimmoe.export.biases import add_zero_biases
 from slimmoe.export.engines import check_config, engine_caveat, engine_config, get_engine
 
 CONVERTER_ENV = "SLIMMOE_LLAMA_CPP_CONVERT"  # path to llama.cpp's convert_hf_to_gguf.py
@@ -125,11 +126,11 @@ def export_model(model: str | Path, out: str | Path, engine_name: str, gguf_type
     with replace_folder(out) as tmp:
         if converter is None:
             link_or_copy_tree(model, tmp)
-            write_config(tmp, cfg, architecture)
+            write_config(tmp, add_zero_biases(tmp, cfg), architecture)
         else:
             staged = tmp / ".hf"  # the renamed copy the converter reads; inside tmp, so a killed
             link_or_copy_tree(model, staged)  # run's leftovers are removed with it
-            write_config(staged, cfg, architecture)
+            write_config(staged, add_zero_biases(staged, cfg), architecture)
             convert_to_gguf(converter, staged, tmp / GGUF_NAME, gguf_type)
             shutil.rmtree(staged)
     caveat = engine_caveat(engine, cfg)
