@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow test-engines bench bench-cache bench-data bench-quality bench-scale bench-slim ablation constraints clean
+.PHONY: install demo test test-slow test-engines bench bench-cache bench-data bench-quality bench-scale bench-serve bench-slim ablation constraints clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -41,6 +41,10 @@ bench-cache: $(STAMP)  # float16 vs float32 teacher cache vs live teacher, 2 see
 
 bench-data: $(STAMP)  # slimmoe tokenize vs the tokenizer alone, peak RSS of reading token shards at 50M vs 100M tokens
 	$(BIN)/python bench/data.py
+
+bench-serve: $(STAMP)  # llama.cpp (f32/f16/q8_0 GGUF) vs transformers generate: tokens/s and file sizes (needs make test-engines' install)
+	scripts/install-llama-cpp
+	$(BIN)/python bench/serve.py
 
 bench-slim: $(STAMP)  # streamed vs in-memory slimming of a few-hundred-MB safetensors checkpoint: peak RSS
 	$(BIN)/python bench/slim_stream.py
