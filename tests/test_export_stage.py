@@ -39,8 +39,11 @@ def test_llama_cpp_head_dim_limit_comes_before_the_converter(monkeypatch):
 
 
 def test_llama_cpp_needs_its_converter(monkeypatch, tmp_path):
+    import slimmoe.export.writer as writer
+
     monkeypatch.delenv("SLIMMOE_LLAMA_CPP_CONVERT", raising=False)
-    with pytest.raises(UserError, match=r"^stages\.0\.export\.1: set SLIMMOE_LLAMA_CPP_CONVERT"):
+    monkeypatch.setattr(writer, "installed_converter", lambda: tmp_path / "absent" / "convert_hf_to_gguf.py")
+    with pytest.raises(UserError, match=r"^stages\.0\.export\.1: .*run scripts/install-llama-cpp"):
         check_exports(0, ["vllm", "llama.cpp"], tiny_config("phimoe"))
     monkeypatch.setenv("SLIMMOE_LLAMA_CPP_CONVERT", str(tmp_path / "convert_hf_to_gguf.py"))
     with pytest.raises(UserError, match=r"^stages\.0\.export\.0: SLIMMOE_LLAMA_CPP_CONVERT=.* is not a file"):
