@@ -247,3 +247,15 @@ def test_a_tiny_grid_serves_a_shared_first_stage_from_the_cache(tmp_path):
     md = (tmp_path / "out" / "report.md").read_text()
     assert md.count("## Budget ") == 2 and "| arm | 2x | 4x |" in md
     assert (tmp_path / "out" / "cells" / "b25pct-2x" / "report.md").is_file()
+
+
+def test_budgets_are_fractions_of_the_teachers_recorded_token_budget(tmp_path):
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "teacher.json").write_text(json.dumps({"config": {"tokens": 20_000_000},
+                                                      "result": {"tokens": 20_000_768}}))
+    cfg = load_ablation_config(GRID, [f"teacher={teacher}"])
+    assert [c.tokens for c in expand_grid(cfg, GUTENBERG)][::3] == [500_000, 2_000_000]
+    (teacher / "teacher.json").write_text("{}")
+    with pytest.raises(UserError, match="^grid.teacher_tokens: not given"):
+        expand_grid(cfg, GUTENBERG)

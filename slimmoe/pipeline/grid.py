@@ -123,15 +123,18 @@ class GridCell:
 
 
 def teacher_tokens(cfg, grid: GridConfig) -> int:
-    """The teacher's training tokens: the grid's, else its ``teacher.json``'s."""
+    """The teacher's training tokens: the grid's, else its ``teacher.json``'s token budget
+    (``config.tokens``: the trained count rounds it up to whole batches; the budget keeps the
+    cells' token counts round, so equal shares of two budgets stay equal)."""
     if grid.teacher_tokens is not None:
         return grid.teacher_tokens
     marker = Path(cfg.teacher) / "teacher.json"
     try:
-        return int(json.loads(marker.read_text())["result"]["tokens"])
-    except (OSError, ValueError, KeyError, TypeError):
+        doc = json.loads(marker.read_text())
+        return int(doc.get("config", {}).get("tokens") or doc["result"]["tokens"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise UserError(f"grid.teacher_tokens: not given, and {marker} (a slimmoe teacher's record) holds no "
-                        "result.tokens") from None
+                        "token count") from None
 
 
 def expand_grid(cfg, teacher_config) -> list[GridCell]:
