@@ -259,3 +259,12 @@ def test_budgets_are_fractions_of_the_teachers_recorded_token_budget(tmp_path):
     (teacher / "teacher.json").write_text("{}")
     with pytest.raises(UserError, match="^grid.teacher_tokens: not given"):
         expand_grid(cfg, GUTENBERG)
+
+
+def test_stages_that_would_not_shrink_are_refused():
+    small = PhimoeConfig(**{**GUTENBERG.to_dict(), "intermediate_size": 16})  # 16 -> 8: no room for 3 stages
+    cfg = shipped("grid.cuts=[{ratio: 2}]", "grid.teacher_tokens=1000")
+    with pytest.raises(UserError, match=r"^grid\.cuts\.0: arm two-stage-even: 2 stages from expert width 16 to 8"):
+        expand_grid(cfg, small)
+    four = next(c for c in expand_grid(shipped(), GUTENBERG) if c.cut.label == "4x")
+    assert [s.expert_intermediate_size for s in four.arms["three-stage"]] == [320, 200, 128]

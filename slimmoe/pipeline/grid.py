@@ -17,7 +17,7 @@ budget each stage gets::
         scratch:         {kind: scratch}       # random init at the one-shot shape, LM loss
 
 A slim arm of n stages cuts the width geometrically (teacher width x ratio^(-i/n), rounded to a
-multiple of 8) and halves the KV groups in its last stage only, so the first stage of a
+multiple of 8; widths that do not decrease are an error) and halves the KV groups in its last stage only, so the first stage of a
 two-stage 16x arm is the one-shot 4x model. Stage names are what the stage *is* (kind, sizes,
 tokens), and a stage's folders are named by the chain of stages that leads to it, so two cells
 whose arms begin with the same stage (same teacher, same shape, same tokens, same seed) compute
@@ -175,7 +175,10 @@ def _arm_targets(spec: GridArm, final: SlimTargets, width0: int, teacher_config,
         return [final]
     if spec.kind == "slim":
         n, w = len(spec.split), final.expert_intermediate_size
-        widths = [max(w, 8 * round(width0 * (w / width0) ** (i / n) / 8)) for i in range(1, n)] + [w]
+        widths = [_round_width(width0 * (w / width0) ** (i / n)) for i in range(1, n)] + [w]
+        if any(a <= b for a, b in zip([width0, *widths], widths)):
+            raise UserError(f"{where}: {n} stages from expert width {width0} to {w} need decreasing widths "
+                            f"(multiples of 8), got {widths}; use fewer stages or a larger cut")
         return [SlimTargets(expert_intermediate_size=x, num_key_value_heads=final.num_key_value_heads if i == n - 1
                             else None) for i, x in enumerate(widths)]
     budget = estimate_total_params(teacher_config, **final.model_dump())
@@ -184,6 +187,11 @@ def _arm_targets(spec: GridArm, final: SlimTargets, width0: int, teacher_config,
         return [resolve_sizes(teacher_config, strategy, total_params=budget)]
     except UserError as e:
         raise UserError(f"{where} ({spec.kind} to {budget:,} total parameters): {e}") from None
+
+
+def _round_width(width: float) -> int:
+    """Multiples of 8 (what the CPU grouped-mm kernels and the schedule use), exact below 8."""
+    return 8 * round(width / 8) if width >= 8 else max(1, round(width))
 
 
 def stage_name(kind: str, t: SlimTargets, tokens: int) -> str:
