@@ -268,3 +268,18 @@ def test_stages_that_would_not_shrink_are_refused():
         expand_grid(cfg, small)
     four = next(c for c in expand_grid(shipped(), GUTENBERG) if c.cut.label == "4x")
     assert [s.expert_intermediate_size for s in four.arms["three-stage"]] == [320, 200, 128]
+
+
+def test_arms_within_twice_their_spread_are_listed_for_a_third_seed(tmp_path):
+    from slimmoe.pipeline.grid_report import close_pairs, grid_cells
+
+    teacher = {"perplexity": 10.0, "total_params": 4000, "active_params": 1500}
+    # ratios: a 1.00, 1.04 (mean 1.02, std 0.0283); b 1.03, 1.05 (1.04, 0.0141); c 1.21; d one seed
+    ppl = {"a": [10.0, 10.4], "b": [10.3, 10.5], "c": [12.0, 12.2], "d": [10.1]}
+    runs = [{"budget": 0.1, "cut": "4x", "arm": arm, "seed": s, "perplexity": p, "total_params": 1, "active_params": 1}
+            for arm, values in ppl.items() for s, p in enumerate(values)]
+    pairs = close_pairs(grid_cells(runs, teacher))
+    # by hand: |1.02 - 1.04| = 0.02 < 2 x 0.0283 -> close; c (1.21) is far from both; d has one seed
+    assert [(p["arms"], round(p["difference"], 4), round(p["spread"], 4)) for p in pairs] == [(["a", "b"], 0.02, 0.0283)]
+    write_grid_report(tmp_path, runs, teacher, {"name": "close"})
+    assert "* 10%, 4x: a vs b (difference 0.0200, spread 0.0283)" in (tmp_path / "report.md").read_text()

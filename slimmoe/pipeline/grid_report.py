@@ -35,6 +35,22 @@ def grid_cells(runs: list[dict], teacher: dict) -> list[dict]:
     return out
 
 
+def close_pairs(cells: list[dict]) -> list[dict]:
+    """Pairs of arms at the same budget and cut whose ppl / teacher means lie within twice the
+    larger of their spreads (issue 14: such pairs get a third seed). Arms of one seed have no
+    spread and are left out."""
+    out = []
+    for i, a in enumerate(cells):
+        for b in cells[i + 1:]:
+            if (a["budget"], a["cut"]) != (b["budget"], b["cut"]) or min(len(a["seeds"]), len(b["seeds"])) < 2:
+                continue
+            spread = max(a["ratio_std"], b["ratio_std"])
+            if abs(a["ratio_mean"] - b["ratio_mean"]) < 2 * spread:
+                out.append({"budget": a["budget"], "cut": a["cut"], "arms": [a["arm"], b["arm"]],
+                            "difference": abs(a["ratio_mean"] - b["ratio_mean"]), "spread": spread})
+    return out
+
+
 def budget_label(budget: float, teacher_tokens: int | None = None) -> str:
     tokens = f" ({int(round(budget * teacher_tokens)):,} tokens)" if teacher_tokens else ""
     return f"{budget * 100:g}% of the teacher's tokens{tokens}"
@@ -61,6 +77,11 @@ def grid_markdown(cells: list[dict], teacher: dict, meta: dict | None = None, pl
             lines.append(f"| {arm} | " + " | ".join(entries) + " |")
         lines.append("")
     lines.append("Spread is the sample standard deviation over seeds; — : the arm was not run at that cut.")
+    close = close_pairs(cells)
+    if close:
+        lines += ["", "Within twice their spread of each other (add a seed to tell them apart):", ""]
+        lines += [f"* {c['budget'] * 100:g}%, {c['cut']}: {c['arms'][0]} vs {c['arms'][1]} "
+                  f"(difference {c['difference']:.4f}, spread {c['spread']:.4f})" for c in close]
     lines += ["", f"![perplexity vs active parameters]({plot})", ""] if plot else \
         ["", "(no plot: matplotlib is not installed in this environment)", ""]
     return "\n".join(lines)
@@ -107,7 +128,7 @@ def write_grid_report(out_dir: str | Path, runs: list[dict], teacher: dict, meta
         tmp.replace(out / GRID_PNG)
         paths[GRID_PNG] = str(out / GRID_PNG)
     text = grid_markdown(cells, teacher, meta, plot=GRID_PNG if fig is not None else None)
-    doc = {"meta": meta or {}, "teacher": teacher, "cells": cells,
+    doc = {"meta": meta or {}, "teacher": teacher, "cells": cells, "close_pairs": close_pairs(cells),
            "runs": [{k: v for k, v in r.items() if k != "curve"} for r in runs]}
     atomic_write_text(out / REPORT_JSON, json.dumps(doc, indent=1))
     atomic_write_text(out / REPORT_MD, text)
