@@ -127,6 +127,8 @@ def test_two_cells_sharing_a_first_stage_compute_the_same_cache_keys_for_it():
     ("grid.arms.scratch.kind=dropout", "grid.arms.scratch.kind"),
     ("grid.colour=red", "grid.colour"),
     ("tokens=1000", "tokens"),
+    ("arms=[scratch]", "arms"),
+    ("num_stages=3", "num_stages"),
     ("importance.expert_score=taylor", "importance: expert_score"),
 ])
 def test_a_bad_grid_field_is_one_line_naming_it(override, field):

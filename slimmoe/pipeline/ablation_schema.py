@@ -113,9 +113,11 @@ class AblationConfig(StrictModel):
             if missing:
                 raise ValueError(f"{missing[0]}: required (or describe a grid)")
         else:
-            given = [k for k in ("target", "tokens") if getattr(self, k) is not None]
+            given = [k for k in ("target", "tokens") if getattr(self, k) is not None] + \
+                [k for k in ("num_stages", "arms") if k in self.model_fields_set]
             if given:
-                raise ValueError(f"{given[0]}: a grid gives every cell's; leave it out")
+                raise ValueError(f"{given[0]}: a grid gives every cell's (grid.budgets, grid.cuts, grid.arms); "
+                                 "leave it out")
             kinds = {a.kind for a in self.grid.arms.values()}
             if kinds & {"drop", "slim-drop"} and self.importance.expert_score not in DROP_EXPERT_SCORES:
                 raise ValueError(f"importance: expert_score: the drop arms need frequency or reap, "
