@@ -25,8 +25,10 @@ from prefect import flow
 from flows.common import fingerprint, flow_guard, stage_row, tracking_settings
 from flows.compress import compress_stage
 from slimmoe.io.loading import load_config
+from slimmoe.pipeline import report
 from slimmoe.pipeline.ablation_schema import AblationConfig
 from slimmoe.pipeline.arms import check_ablation_inputs, scoring_targets
+from slimmoe.pipeline.grid import chain_folder, expand_grid, teacher_tokens
 from slimmoe.pipeline.report import read_curve
 from slimmoe.pipeline.resolve import anchor_paths
 from slimmoe.pipeline.schema import StageConfig
@@ -47,20 +49,25 @@ class ArmOutputs:
     seed: int
     stage: str
     shared_pruned: bool
+    chained: bool = False  # a grid's stage: its folder is named by its chain of stages, not by its arm
+
+    def _folder(self, seed: int | None) -> Path:
+        if self.chained:  # <root>/stages/<stage 1>/<stage 2>/.../{seed<N>,pruned}
+            base = self.root / "stages" / chain_folder(self.stage)
+            return base if seed is None else base / f"seed{seed}"
+        return self.root / "arms" / self.arm / ("shared" if seed is None else f"seed{seed}") / self.stage
 
     @property
     def scores(self) -> Path:
-        return self.root / "arms" / self.arm / f"seed{self.seed}" / self.stage / "importance.pt"
+        return self._folder(self.seed) / "importance.pt"
 
     @property
     def pruned(self) -> Path:
-        if self.shared_pruned:
-            return self.root / "arms" / self.arm / "shared" / self.stage / "pruned"
-        return self.root / "arms" / self.arm / f"seed{self.seed}" / self.stage / "pruned"
+        return self._folder(None if self.shared_pruned else self.seed) / "pruned"
 
     @property
     def model(self) -> Path:
-        return self.root / "arms" / self.arm / f"seed{self.seed}" / self.stage / "model"
+        return self._folder(self.seed) / "model"
 
 
 @flow(name="ablation", log_prints=True)
@@ -70,6 +77,8 @@ def ablation(config: AblationConfig) -> dict:
 
 
 def _ablation(cfg: AblationConfig) -> dict:
+    if cfg.grid is not None:
+        return _grid(cfg)
     out = Path(cfg.output_dir)
     arms = check_ablation_inputs(cfg)
     teacher_cfg = load_config(cfg.teacher, "teacher")
@@ -105,20 +114,61 @@ def _ablation(cfg: AblationConfig) -> dict:
     return rt.publish_report(out, runs, teacher_row, meta, tracking, parent)
 
 
+def _grid(cfg: AblationConfig) -> dict:
+    """Every cell of the grid (slimmoe.pipeline.grid) in one output folder and one step cache:
+    data, the teacher's evaluation and top-k cache and one importance pass serve every cell, and
+    a stage several cells begin with is computed once. Writes a report per cell
+    (``cells/<cell>/report.md``) as it goes, and the grid's report at the end."""
+    out = Path(cfg.output_dir)
+    arms = check_ablation_inputs(cfg)  # every cell's arms, keyed <cell>/<arm>
+    teacher_cfg = load_config(cfg.teacher, "teacher")
+    cells = expand_grid(cfg, teacher_cfg)
+    tracking = tracking_settings(cfg)
+    print(f"grid: {len(cells)} cells, {len(arms)} arms x {len(cfg.seeds)} seeds")
+    open_step_cache(out)
+
+    teacher = fingerprint(cfg.teacher)
+    blocks = cached(steps.prepare_data, out)(cfg.data, teacher, out / "data")
+    parent = rt.start_ablation_run(cfg, teacher, blocks, tracking)
+    teacher_metrics = cached(steps.evaluate, out)("teacher", teacher, blocks, cfg.eval, tracking, parent)
+    shared_scores = out / "shared" / "importance.pt"
+    scores = cached(steps.importance, out, shared_scores)(
+        "teacher", teacher, None, blocks, cfg.importance, scoring_targets(arms, teacher_cfg), shared_scores,
+        tracking, parent)
+    teacher_row = {k: teacher_metrics[k] for k in ("perplexity", "total_params", "active_params")}
+    meta = {"name": cfg.name, "teacher": cfg.teacher, "data": cfg.data.train, "seeds": cfg.seeds,
+            "distillation loss": cfg.distill.loss, "teacher_tokens": teacher_tokens(cfg, cfg.grid)}
+    runs = []
+    for cell in cells:
+        mine = []
+        for seed in cfg.seeds:
+            for arm, stages in cell.arms.items():
+                shape = cell.shape if cfg.grid.arms[arm].kind == "scratch" else None
+                res = ablation_arm.with_options(flow_run_name=f"{cell.label}.{arm}-seed{seed}")(
+                    cfg.name, out, arm, seed, stages, shape, teacher, blocks, scores, teacher_metrics["perplexity"],
+                    tracking, parent, chained=True)
+                mine.append({**res, "budget": cell.budget, "cut": cell.cut.label, "cell": cell.label})
+        report.write_report(out / "cells" / cell.label, mine, teacher_row,
+                            {**meta, "cell": cell.label, "tokens per arm": f"{cell.tokens:,}"})
+        runs += mine
+    return rt.publish_grid_report(out, runs, teacher_row, meta, tracking, parent)
+
+
 @flow(name="ablation-arm", log_prints=True)
 def ablation_arm(name: str, output_dir: Path, arm: str, seed: int, stages: list[StageConfig],
                  shape_stage: StageConfig | None, teacher: ModelRef, blocks: TokenBlocks, scores: ImportanceRef,
-                 teacher_ppl: float, tracking: TrackingSettings, parent: str) -> dict:
-    """One arm at one seed: its stages in order (the scratch arm: init, then train)."""
+                 teacher_ppl: float, tracking: TrackingSettings, parent: str, chained: bool = False) -> dict:
+    """One arm at one seed: its stages in order (the scratch arm, which has a ``shape_stage``:
+    init, then train). ``chained``: a grid's arm, whose folders are named by stage chains."""
     out = Path(output_dir)
     stage_cfgs = [_seeded(s, seed) for s in stages]
     run = rt.start_arm_run(parent, name, arm, seed, stage_cfgs, teacher, blocks, tracking)
-    if arm == "scratch":
-        rows = [_scratch(shape_stage, stage_cfgs[0], seed, teacher, blocks, scores, tracking, run, out)]
+    if shape_stage is not None:
+        rows = [_scratch(shape_stage, stage_cfgs[0], seed, teacher, blocks, scores, tracking, run, out, chained)]
     else:
         rows, current, version = [], teacher, None
         for i, stage in enumerate(stage_cfgs):
-            where = ArmOutputs(out, arm, seed, stage.name, shared_pruned=i == 0)
+            where = ArmOutputs(out, arm, seed, stage.name, shared_pruned=i == 0, chained=chained)
             row, current, version = compress_stage(f"{name}-{arm}", stage, current, version, teacher, blocks,
                                                    tracking, run, where, scores=scores if i == 0 else None)
             rows.append(row)
@@ -139,12 +189,12 @@ def _seeded(stage: StageConfig, seed: int) -> StageConfig:
 
 
 def _scratch(shape: StageConfig, stage: StageConfig, seed: int, teacher: ModelRef, blocks: TokenBlocks,
-             scores: ImportanceRef, tracking: TrackingSettings, arm_run: str, out: Path) -> dict:
+             scores: ImportanceRef, tracking: TrackingSettings, arm_run: str, out: Path, chained: bool = False) -> dict:
     """The one-shot-slim shape (its slim step, shared through the cache), fresh weights, LM training."""
-    pruned = ArmOutputs(out, "one-shot-slim", seed, shape.name, shared_pruned=True).pruned
+    pruned = ArmOutputs(out, "one-shot-slim", seed, shape.name, shared_pruned=True, chained=chained).pruned
     small = cached(steps.slim, out, pruned)(shape.name, teacher, scores, shape.targets(), shape.importance, pruned,
                                             tracking, arm_run)
-    where = ArmOutputs(out, "scratch", seed, stage.name, shared_pruned=False)
+    where = ArmOutputs(out, "scratch", seed, stage.name, shared_pruned=False, chained=chained)
     init_dir = where.model.with_name("init")
     init = cached(rt.scratch_init, out, init_dir)(small, seed, init_dir)
     run = lineage.start_stage_run(arm_run, stage, init, teacher, blocks, tracking)

@@ -160,7 +160,10 @@ def ablate(args) -> int:
         from flows.ablation import ablation
 
         result = ablation(cfg)
-    print(format_ablation(result["arms"]))
+    if "cells" in result:  # a grid: its report holds a table per budget
+        print((Path(cfg.output_dir) / "report.md").read_text())
+    else:
+        print(format_ablation(result["arms"]))
     print(f"\nreport: {Path(cfg.output_dir) / 'report.md'}")
     return 0
 

@@ -79,3 +79,22 @@ def publish_report(out_dir: Path, runs: list[dict], teacher: dict, meta: dict, t
                           table=[{k: v for k, v in r.items() if k != "seeds"} for r in res["arms"]],
                           description="Ablation arms: perplexity mean / std over seeds")
     return {"arms": res["arms"], "paths": res["paths"], "mlflow_run_id": parent_run_id}
+
+
+@task(name="grid-report", cache_policy=NO_CACHE)
+def publish_grid_report(out_dir: Path, runs: list[dict], teacher: dict, meta: dict, tracking: TrackingSettings,
+                        parent_run_id: str) -> dict:
+    """The grid's report.md / report.json / plot in ``out_dir`` (slimmoe.pipeline.grid_report), as
+    artifacts of the parent MLflow run and as a Prefect markdown artifact."""
+    from slimmoe.pipeline.grid_report import write_grid_report
+
+    res = write_grid_report(out_dir, runs, teacher, meta)
+    tr = tracker(tracking)
+    for path in res["paths"].values():
+        tr.client.log_artifact(parent_run_id, path, "report")
+    tr.finish(parent_run_id)
+    link = f"\n\nMLflow: [grid run]({tr.run_url(parent_run_id)}) (`{tr.ui_command()}`); files: `{Path(out_dir)}`\n"
+    create_markdown_artifact(key=artifact_key(meta.get("name", "grid"), "report"), markdown=res["markdown"] + link,
+                             description="Ablation grid: a table per budget, ppl / teacher over seeds")
+    return {"cells": res["cells"], "runs": [{k: v for k, v in r.items() if k != "curve"} for r in runs],
+            "paths": res["paths"]}

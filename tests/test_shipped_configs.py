@@ -43,6 +43,12 @@ def ablation_deployments() -> dict[str, dict]:
     return {d["name"]: d for d in deployments() if d["entrypoint"] == ABLATION}
 
 
+def teacher_config_deployments() -> dict[str, dict]:
+    """The teacher deployments that carry a deployments/configs/teacher-*.yaml (the file holds the
+    flow's parameters themselves, not a ``config:`` of them)."""
+    return {d["name"]: d for d in deployments() if d["entrypoint"] == TEACHER and d["name"].startswith("teacher-")}
+
+
 def test_every_shipped_yaml_validates():
     files = shipped_yaml_files()
     assert PREFECT_YAML in files and len(list(CONFIGS.glob("*.yaml"))) >= 3, files
@@ -59,6 +65,16 @@ def test_every_shipped_yaml_validates():
 
                     AblationConfig.model_validate(d["parameters"]["config"])
                     checked.append(f"{rel}:ablation/{d['name']}")
+                if d["entrypoint"] == TEACHER and d["name"] in teacher_config_deployments():
+                    from flows.teacher import teacher_params
+
+                    teacher_params(d["parameters"])
+                    checked.append(f"{rel}:teacher/{d['name']}")
+        elif path.parent == CONFIGS and path.stem.startswith("teacher"):
+            from flows.teacher import load_teacher_params
+
+            load_teacher_params(path)
+            checked.append(str(rel))
         elif path.parent == CONFIGS and path.stem.startswith("ablation"):
             from slimmoe.pipeline.ablation_schema import load_ablation_config
 
@@ -69,22 +85,27 @@ def test_every_shipped_yaml_validates():
             checked.append(str(rel))
         else:
             pytest.fail(f"{rel}: a shipped YAML this test does not know how to validate; add it here")
-    assert len(checked) == len(list(CONFIGS.glob("*.yaml"))) + len(compress_deployments()) + len(ablation_deployments())
+    assert len(checked) == len(list(CONFIGS.glob("*.yaml"))) + len(compress_deployments()) + \
+        len(ablation_deployments()) + len(teacher_config_deployments())
 
 
 def test_teacher_deployment_parameters_validate():
     teacher = pytest.importorskip("slimmoe.pipeline.demo_teacher", reason="the teacher flow is not in this checkout yet")
-    (d,) = [d for d in deployments() if d["entrypoint"] == TEACHER]
-    teacher.TeacherConfig.model_validate(d["parameters"]["config"])
-    assert set(d["parameters"]) <= {"config", "output_dir", "tracking_uri", "experiment"}
+    found = [d for d in deployments() if d["entrypoint"] == TEACHER]
+    assert {d["name"] for d in found} == {"demo", "teacher-gutenberg"}
+    for d in found:
+        teacher.TeacherConfig.model_validate(d["parameters"]["config"])
+        assert set(d["parameters"]) <= {"config", "output_dir", "tracking_uri", "experiment", "split"}
 
 
 def test_prefect_yaml_parameters_equal_the_config_files():
-    by_name = {**compress_deployments(), **ablation_deployments()}
+    by_name = {**compress_deployments(), **ablation_deployments(), **teacher_config_deployments()}
     files = {p.stem: p for p in CONFIGS.glob("*.yaml")}
-    assert set(by_name) == set(files), "one compress/ablation deployment per deployments/configs/*.yaml, same name"
+    assert set(by_name) == set(files), "one compress/ablation/teacher deployment per deployments/configs/*.yaml, same name"
     for name, path in files.items():
-        assert by_name[name]["parameters"] == {"config": yaml.safe_load(path.read_text())}, (
+        content = yaml.safe_load(path.read_text())
+        expected = content if name in teacher_config_deployments() else {"config": content}
+        assert by_name[name]["parameters"] == expected, (
             f"deployments/prefect.yaml compress/{name} differs from {path.relative_to(ROOT)}")
 
 
@@ -92,7 +113,8 @@ def test_deployments_layout():
     doc = load_yaml(PREFECT_YAML)
     names = {(d["entrypoint"].split(":")[-1], d["name"]) for d in doc["deployments"]}
     assert names == {("compress", "demo"), ("compress", "phi-mini-moe"), ("compress", "phi-tiny-moe"),
-                     ("teacher", "demo"), ("ablation", "ablation-demo"), ("node", "default")}
+                     ("teacher", "demo"), ("ablation", "ablation-demo"), ("node", "default"),
+                     ("teacher", "teacher-gutenberg"), ("ablation", "ablation-gutenberg-grid")}
     for d in doc["deployments"]:
         assert d["work_pool"]["name"] == "slimmoe"
         assert (ROOT / d["entrypoint"].split(":")[0]).parent.is_dir()

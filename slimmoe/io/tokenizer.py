@@ -25,7 +25,8 @@ def train_bpe_tokenizer(
     vocab_size: int = 4096,
     out_dir: str | Path | None = None,
 ) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer on ``text_path`` (a UTF-8 text file).
+    """Train a byte-level BPE tokenizer on ``text_path`` (a UTF-8 text file, or a folder whose
+    ``*.txt`` files, in name order, are the texts).
 
     Special tokens: ``<|endoftext|>`` (eos, bos, unk) and ``<|pad|>`` (pad). The result
     is deterministic for the same text and vocab size. When ``out_dir`` is given the
@@ -33,15 +34,18 @@ def train_bpe_tokenizer(
     offline.
     """
     path = Path(text_path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such text file to train the tokenizer on")
+    files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+    if not files or not files[0].is_file():
+        raise UserError(f"{path}: no such text file (or folder of .txt files) to train the tokenizer on")
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
         raise UserError(f"vocab_size: must be an integer >= {MIN_VOCAB_SIZE}, got {vocab_size!r}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if not text:
+    texts = []
+    for f in files:
+        try:
+            texts.append(f.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise UserError(f"{f}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not any(texts):
         raise UserError(f"{path}: file is empty, cannot train a tokenizer on it")
 
     backend = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
@@ -55,7 +59,7 @@ def train_bpe_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator([text], trainer=trainer)
+    backend.train_from_iterator(texts, trainer=trainer)
 
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,

@@ -25,6 +25,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from slimmoe.config import DROP_EXPERT_SCORES, DistillConfig, ImportanceConfig, StrictModel, apply_overrides, load_yaml
+from slimmoe.pipeline.grid import GridConfig
 from slimmoe.pipeline.schema import DataConfig, EvalConfig, TrackingConfig, _folder_name
 
 Arm = Literal["one-shot-slim", "multi-stage-slim", "one-shot-drop", "slim-drop", "scratch"]
@@ -64,8 +65,11 @@ class AblationConfig(StrictModel):
     teacher: str = Field(..., description="checkpoint folder or hub id of the original model")
     output_dir: Path
     data: DataConfig
-    target: AblationTarget
-    tokens: int = Field(..., gt=0, description="distillation tokens per arm, split evenly over its stages")
+    target: AblationTarget | None = Field(None, description="required without grid")
+    tokens: int | None = Field(None, gt=0, description="distillation tokens per arm, split evenly over its stages "
+                                                        "(required without grid)")
+    grid: GridConfig | None = Field(None, description="budgets x width cuts x arms (slimmoe.pipeline.grid); "
+                                                      "replaces target, tokens, num_stages and arms")
     num_stages: int = Field(2, ge=2, description="stages of the multi-stage-slim arm")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     arms: list[Arm] = Field(default_factory=lambda: list(ARMS), min_length=1)
@@ -88,8 +92,10 @@ class AblationConfig(StrictModel):
     @field_validator("importance")
     @classmethod
     def _drop_needs_expert_score(cls, v: ImportanceConfig, info: ValidationInfo) -> ImportanceConfig:
+        if info.data.get("grid") is not None:  # a grid's arms are checked with the whole config
+            return v
         if any(a in DROP_ARMS for a in info.data.get("arms", ())) and v.expert_score not in DROP_EXPERT_SCORES:
-            raise PydanticCustomError("drop_score", "expert_score: the drop arms need frequency or reap, got {got!r}",
+            raise PydanticCustomError("drop_score", "expert_score: the drop arms need frequency or reap, got {got}",
                                       {"got": v.expert_score})
         return v
 
@@ -99,6 +105,24 @@ class AblationConfig(StrictModel):
         if v.loss == "lm":
             raise PydanticCustomError("kd_loss", "loss: the arms compare distillation losses; lm is the scratch arm's")
         return v
+
+    @model_validator(mode="after")
+    def _target_or_grid(self) -> "AblationConfig":
+        if self.grid is None:
+            missing = [k for k in ("target", "tokens") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"{missing[0]}: required (or describe a grid)")
+        else:
+            given = [k for k in ("target", "tokens") if getattr(self, k) is not None] + \
+                [k for k in ("num_stages", "arms") if k in self.model_fields_set]
+            if given:
+                raise ValueError(f"{given[0]}: a grid gives every cell's (grid.budgets, grid.cuts, grid.arms); "
+                                 "leave it out")
+            kinds = {a.kind for a in self.grid.arms.values()}
+            if kinds & {"drop", "slim-drop"} and self.importance.expert_score not in DROP_EXPERT_SCORES:
+                raise ValueError(f"importance: expert_score: the drop arms need frequency or reap, "
+                                 f"got {self.importance.expert_score!r}")
+        return self
 
     def tracking_uri(self) -> str:
         return self.tracking.uri or f"sqlite:///{Path(self.output_dir).resolve() / 'mlflow.db'}"

@@ -1,5 +1,5 @@
-"""The stages of every arm of an ablation (``ablation_schema.AblationConfig``), and the checks
-``slimmoe ablate`` makes before its flow starts."""
+"""The stages of every arm of an ablation (``ablation_schema.AblationConfig``; of every cell of
+a grid, ``grid.expand_grid``), and the checks ``slimmoe ablate`` makes before its flow starts."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from slimmoe.config import DistillConfig, SlimTargets
 from slimmoe.errors import UserError
 from slimmoe.io.loading import load_config
 from slimmoe.pipeline.ablation_schema import AblationConfig
+from slimmoe.pipeline.grid import expand_grid
 from slimmoe.pipeline.preflight import check_data_paths, check_teacher_and_data, cut
 from slimmoe.pipeline.schema import StageConfig
 from slimmoe.prune.schedule import estimate_total_params, interpolate_stages
@@ -44,6 +45,12 @@ def plan_arms(cfg: AblationConfig, teacher_config) -> dict[str, list[StageConfig
             strategy = "drop" if arm == "one-shot-drop" else "slim+drop"
             arms[arm] = [_named(f"arms.{arm}", lambda s=strategy: resolve_sizes(teacher_config, s, total_params=budget))]
     return {arm: _stages(cfg, arm, targets) for arm, targets in arms.items()}
+
+
+def plan_grid(cfg: AblationConfig, teacher_config) -> dict[str, list[StageConfig]]:
+    """Every arm of every cell of a grid config, keyed ``<cell>/<arm>`` (slimmoe.pipeline.grid)."""
+    return {f"{cell.label}/{arm}": stages for cell in expand_grid(cfg, teacher_config)
+            for arm, stages in cell.arms.items()}
 
 
 def _stages(cfg: AblationConfig, arm: str, targets: list[SlimTargets]) -> list[StageConfig]:
@@ -81,7 +88,7 @@ def check_ablation_inputs(cfg: AblationConfig, preflight: bool = False) -> dict[
     teacher = load_config(cfg.teacher, "teacher")
     adapter = get_adapter(teacher)
     check_data_paths(cfg.data)
-    arms = plan_arms(cfg, teacher)
+    arms = plan_grid(cfg, teacher) if cfg.grid is not None else plan_arms(cfg, teacher)
     for arm, stages in arms.items():
         current = copy.deepcopy(teacher)
         for stage in stages:

@@ -40,7 +40,10 @@ class TeacherConfig(StrictModel):
     embeddings) whose training budget fits a few minutes on 2 CPU cores.
     """
 
-    corpus: Path = Field(BUNDLED_CORPUS, description="UTF-8 text file to train tokenizer and model on")
+    corpus: Path = Field(BUNDLED_CORPUS, description="UTF-8 text file, or folder of .txt files (one document "
+                                                     "each), to train tokenizer and model on")
+    eval_corpus: Path | None = Field(None, description="held-out text (file or folder); default: the last "
+                                                       "eval_fraction of corpus")
     vocab_size: int = Field(2048, ge=MIN_VOCAB_SIZE, description="BPE vocabulary size (upper bound)")
     hidden_size: int = Field(128, gt=0)
     num_hidden_layers: int = Field(4, gt=0)
@@ -53,7 +56,10 @@ class TeacherConfig(StrictModel):
     tokens: int = Field(1_000_000, gt=0, description="training token budget (measured: 2.5-3.5 min on 2 CPU cores)")
     batch_size: int = Field(16, gt=0, description="sequences per optimizer step")
     lr: float = Field(3.0e-3, gt=0)
-    eval_fraction: float = Field(0.05, gt=0, lt=1, description="held-out share of the corpus")
+    eval_fraction: float = Field(0.05, gt=0, lt=1, description="held-out share of the corpus (without eval_corpus)")
+    checkpoints: int = Field(5, gt=0, description="checkpoints over the run (a killed run resumes from the last)")
+    evals: int = Field(4, gt=0, description="held-out evaluations over the run (the best one is kept)")
+    eval_max_blocks: int | None = Field(None, gt=0, description="held-out blocks per evaluation (default: all)")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -103,14 +109,28 @@ def phimoe_config(cfg: TeacherConfig, vocab_size: int, tokenizer: Any = None) ->
 
 def teacher_fingerprint(cfg: TeacherConfig) -> str:
     """sha256 of everything that determines the teacher: the config (corpus by content, not path)."""
-    corpus = _check_corpus(cfg.corpus)
     h = hashlib.sha256()
-    fields = cfg.model_dump(mode="json", exclude={"corpus"})
+    # fields left at their defaults that older versions did not have are left out, so a
+    # teacher trained before they existed keeps its fingerprint
+    new = {"eval_corpus": None, "checkpoints": 5, "evals": 4, "eval_max_blocks": None}
+    fields = {k: v for k, v in cfg.model_dump(mode="json", exclude={"corpus"}).items()
+              if not (k in new and v == new[k])}
     h.update(json.dumps({"format": _FORMAT, **fields}, sort_keys=True).encode())
-    with open(corpus, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
+    _hash_text(h, _check_corpus(cfg.corpus, "corpus"))
+    if cfg.eval_corpus is not None:
+        h.update(b"eval_corpus")
+        _hash_text(h, _check_corpus(cfg.eval_corpus, "eval_corpus"))
     return h.hexdigest()
+
+
+def _hash_text(h, path: Path) -> None:
+    """A file by its bytes; a folder by each .txt file's name and bytes, in name order."""
+    for f in sorted(path.glob("*.txt")) if path.is_dir() else [path]:
+        if path.is_dir():
+            h.update(f"file:{f.name}:{f.stat().st_size}".encode())
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
 
 
 def load_finished(out_dir: str | Path, cfg: TeacherConfig | None = None) -> dict | None:
@@ -157,9 +177,16 @@ def train_teacher(
         raise UserError(f"out_dir: cannot create {work} ({e.strerror})") from None
     t0 = time.perf_counter()
     tokenizer = train_bpe_tokenizer(cfg.corpus, vocab_size=cfg.vocab_size, out_dir=work / "tokenizer")
-    train_blocks, eval_blocks = load_blocks(cfg.corpus, tokenizer, cfg.seq_len, eval_fraction=cfg.eval_fraction)
+    if cfg.eval_corpus is not None:
+        train_blocks, eval_blocks = load_blocks(cfg.corpus, tokenizer, cfg.seq_len, eval_path=cfg.eval_corpus,
+                                                fields=("corpus", "eval_corpus"))
+    else:
+        train_blocks, eval_blocks = load_blocks(cfg.corpus, tokenizer, cfg.seq_len, eval_fraction=cfg.eval_fraction,
+                                                fields=("corpus", "corpus"))
     if eval_blocks.shape[0] == 0:
         raise UserError(f"corpus: {cfg.corpus} is too small for a held-out split of {cfg.seq_len}-token blocks")
+    if cfg.eval_max_blocks is not None:
+        eval_blocks = eval_blocks[: cfg.eval_max_blocks]
 
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_config(phimoe_config(cfg, len(tokenizer), tokenizer), dtype=torch.float32)
@@ -171,9 +198,9 @@ def train_teacher(
         batch_size=cfg.batch_size,
         lr=cfg.lr,
         seed=cfg.seed,
-        eval_every=max(1, total_steps // 4),
+        eval_every=max(1, total_steps // cfg.evals),
         keep_best=True,
-        checkpoint_every=max(1, total_steps // 5),
+        checkpoint_every=max(1, total_steps // cfg.checkpoints),
         keep_checkpoints=1,
         progress=progress,
         # measured: transformers' batched_mm gathers one weight matrix per token and is
@@ -193,6 +220,7 @@ def train_teacher(
         "vocab_size": len(tokenizer),
         "eval_blocks": int(eval_blocks.shape[0]),
         "train_seconds": round(time.perf_counter() - t0, 1),
+        "resumed_from_step": result.resumed_from_step,
     }
     _publish(out, trained, tokenizer, {"format": _FORMAT, "fingerprint": fp,
                                        "config": cfg.model_dump(mode="json"), "result": final})
@@ -200,10 +228,10 @@ def train_teacher(
     return {**final, "out_dir": str(out), "already_done": False}
 
 
-def _check_corpus(corpus: Path) -> Path:
+def _check_corpus(corpus: Path, field: str = "corpus") -> Path:
     p = Path(corpus).expanduser()
-    if not p.is_file():
-        raise UserError(f"corpus: no such text file: {corpus}")
+    if not (p.is_file() or (p.is_dir() and any(p.glob("*.txt")))):
+        raise UserError(f"{field}: no such text file (or folder of .txt files): {corpus}")
     return p
 
 
