@@ -22,10 +22,15 @@ from typing import Any
 # Opt back in by exporting MLFLOW_DISABLE_TELEMETRY=false.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag  # noqa: E402
+from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelOutput, Metric, Param, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
-from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_LOGGED_ARTIFACTS, MLFLOW_PARENT_RUN_ID  # noqa: E402
+from mlflow.utils.mlflow_tags import (  # noqa: E402
+    MLFLOW_DATASET_CONTEXT,
+    MLFLOW_LOGGED_ARTIFACTS,
+    MLFLOW_MODEL_VERSIONS,
+    MLFLOW_PARENT_RUN_ID,
+)
 from pydantic import BaseModel  # noqa: E402
 
 from tasks.figures import as_float, importance_figure, loss_figure, read_series  # noqa: E402
@@ -286,11 +291,15 @@ class Tracker:
 
     def register_model(self, name: str, model_dir: str | os.PathLike, run_id: str,
                        tags: Mapping | None = None, description: str | None = None) -> str:
-        """Log ``model_dir`` (a Hugging Face causal LM with its tokenizer) as an MLflow Model of
-        the transformers flavour at the run's ``model/`` artifacts (only the Hugging Face files:
-        tasks/mlflow_model.py) and register it as a new version of ``name`` with ``tags`` and
-        ``description``; an existing version with the same ``fingerprint`` tag is returned as
-        is (cached re-runs). Not atomic across concurrent registrations."""
+        """Log ``model_dir`` (a Hugging Face causal LM with its tokenizer) as an MLflow 3 Logged
+        Model of the transformers flavour (only the Hugging Face files: tasks/mlflow_model.py),
+        linked to the run and listed in the experiment's Models tab, and register it as a new
+        version of ``name`` with ``tags`` and ``description``; an existing version with the same
+        ``fingerprint`` tag is returned as is (cached re-runs). Not atomic across concurrent
+        registrations. The client calls are the ones ``mlflow.transformers.log_model`` makes
+        (``mlflow/models/model.py``: create_logged_model, log_model_artifacts,
+        finalize_logged_model; ``create_model_version(..., model_id=...)``), made directly so
+        that a stage's run need not be the active run of this process."""
         from tasks.mlflow_model import save_text_generation_model  # heavy (torch); only when needed
 
         tags = _str_tags(tags)
@@ -298,16 +307,32 @@ class Tracker:
             return found
         if not Path(model_dir).is_dir():
             raise FileNotFoundError(f"model folder not found: {model_dir}")
-        with tempfile.TemporaryDirectory() as tmp:
-            saved = save_text_generation_model(model_dir, Path(tmp) / "model", card=description or "")
-            self.client.log_artifacts(run_id, str(saved), "model")
+        experiment_id = self.client.get_run(run_id).info.experiment_id
+        logged = self.client.create_logged_model(experiment_id, name=tags.get("stage", "model"), source_run_id=run_id,
+                                                 tags=tags, model_type="text-generation")
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                saved = save_text_generation_model(model_dir, Path(tmp) / "model", card=description or "")
+                self.client.log_model_artifacts(logged.model_id, str(saved))
+        except BaseException:
+            self.client.finalize_logged_model(logged.model_id, "FAILED")
+            raise
+        self.client.finalize_logged_model(logged.model_id, "READY")
+        self.client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])  # the run page lists it
         try:
             self.client.create_registered_model(name)
         except MlflowException as e:
             if e.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-        mv = self.client.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id, tags=tags,
-                                              run_link=self.run_url(run_id), description=description)
+        # source: the logged model's artifact location, not models:/<id>: MLflow 3.17's registry
+        # resolves a models:/ source through the *global* tracking URI (sqlalchemy_store.py
+        # create_model_version, its own TODO), which is not this client's in a flow process
+        mv = self.client.create_model_version(name, logged.artifact_location, run_id=run_id, tags=tags,
+                                              run_link=self.run_url(run_id), description=description,
+                                              model_id=logged.model_id)
+        # the logged model's page links its version (what mlflow.register_model records)
+        self.client.set_logged_model_tags(
+            logged.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([{"name": name, "version": str(mv.version)}])})
         return str(mv.version)
 
     # ---- summary and links ----

@@ -187,21 +187,31 @@ def test_register_model_versions_tags_and_dedup(env, tmp_path):
     assert tr.register_model("tiny-demo", dirs[1], r2, tags2, description="made from v1") == "2"
 
     v2 = tr.client.get_model_version("tiny-demo", "2")
-    assert v2.run_id == r2 and v2.source == f"runs:/{r2}/model"
+    outputs = tr.client.get_run(r2).outputs.model_outputs  # the run lists its logged model
+    assert len(outputs) == 1
+    model_id = outputs[0].model_id
+    assert v2.run_id == r2 and v2.source == tr.client.get_logged_model(model_id).artifact_location
     assert v2.tags == {k: str(v) for k, v in tags2.items()}
     assert v2.description == "made from v1"
-    # an MLflow Model of the transformers flavour: MLmodel, the weights under model/, the tokenizer
-    # under components/; the checkpoint folder's other files stay out
-    files = _artifacts(tr, r2, "model")
-    assert {"model/MLmodel", "model/model", "model/components"} <= files
-    weights = _artifacts(tr, r2, "model/model")
-    assert {"model/model/config.json", "model/model/model.safetensors"} <= weights
+    # an MLflow 3 Logged Model of the run (the experiment's Models tab), READY, with the lineage
+    # tags, listed among the run's outputs and linked to its registered version
+    logged = tr.client.get_logged_model(model_id)
+    assert logged.source_run_id == r2 and logged.name == "final" and str(logged.status) == "READY"
+    assert {k: logged.tags[k] for k in tags2} == {k: str(v) for k, v in tags2.items()}
+    assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": "tiny-demo", "version": "2"}]
+    # of the transformers flavour: MLmodel, the weights under model/, the tokenizer under
+    # components/; the checkpoint folder's other files stay out
+    files = {f.path for f in tr.client.list_logged_model_artifacts(model_id)}
+    assert {"MLmodel", "model", "components"} <= files
+    weights = {f.path for f in tr.client.list_logged_model_artifacts(model_id, "model")}
+    assert {"model/config.json", "model/model.safetensors"} <= weights
     assert not any(f.endswith(("best_student.pt", "losses.jsonl")) for f in files | weights)
 
     again = _run(tr, "mid-cached")
     assert tr.register_model("tiny-demo", dirs[0], again, tags1) == "1"
     assert len(tr.client.search_model_versions("name='tiny-demo'")) == 2
-    assert _artifacts(tr, again) == set()  # nothing copied for a known fingerprint
+    experiment = tr.client.get_run(again).info.experiment_id
+    assert len(tr.client.search_logged_models([experiment])) == 2  # nothing logged for a known fingerprint
     with pytest.raises(FileNotFoundError):
         tr.register_model("tiny-demo", tmp_path / "missing", again, {"fingerprint": "fp-new"})
 
