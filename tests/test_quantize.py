@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from pydantic import ValidationError
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from slimmoe.cli.main import main
@@ -33,7 +34,8 @@ def test_config_defaults_and_validation():
     assert error_of().startswith("scheme: Field required")
     assert error_of(scheme="W4A16", group_size=100).startswith("group_size:")
     assert error_of(scheme="FP8_DYNAMIC", group_size=64) == "group_size: applies to W4A16 only, not FP8_DYNAMIC"
-    assert error_of(scheme="W8A8", ignore=["re:(unclosed"]).startswith("ignore: entry 0 ('re:(unclosed') is not a regular")
+    bad_regex = error_of(scheme="W8A8", ignore=["re:(unclosed"])
+    assert bad_regex.startswith("ignore: entry 0 ('re:(unclosed') is not a regular expression")
     assert error_of(scheme="W8A8", schem="x").startswith("schem: unknown key (did you mean 'scheme'?)")
 
 
@@ -154,3 +156,41 @@ def test_loading_a_compressed_tensors_folder_asks_for_dequantization():
     assert loading._is_compressed_tensors(Cfg())
     assert not loading._is_compressed_tensors(object())
     assert loading._dequantize_on_load().dequantize is True
+
+
+def test_dequantized_copy_of_int8_experts(tmp_path):
+    """W8A8's int8 experts (which transformers 5.24 does not dequantize): weight x scale per
+    output channel, in the config's dtype, quantization_config and parameters gone."""
+    from slimmoe.io.loading import load_model
+    from slimmoe.quantize.checkpoint import dequantize_checkpoint, needs_dequantized_copy
+
+    src = tmp_path / "q"
+    model = tiny_model("phimoe")
+    model.save_pretrained(src)
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        plain = {k: f.get_tensor(k) for k in f.keys()}
+    quantized = {}
+    for name, t in plain.items():
+        if name.endswith(".weight") and t.dim() == 2 and ("experts" in name or "self_attn" in name):
+            scale = t.abs().amax(dim=1, keepdim=True) / 127
+            quantized[name] = torch.round(t / scale).to(torch.int8)
+            quantized[name.replace(".weight", ".weight_scale")] = scale
+        else:
+            quantized[name] = t
+    save_file(quantized, str(src / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    weights = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}
+    cfg["quantization_config"] = {"quant_method": "compressed-tensors", "format": "int-quantized",
+                                  "quantization_status": "compressed",
+                                  "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
+                                                                "format": "int-quantized"}}}
+    (src / "config.json").write_text(json.dumps(cfg))
+    assert needs_dequantized_copy(src) and not needs_dequantized_copy(tmp_path / "nothing")
+    out = dequantize_checkpoint(src, tmp_path / "plain")
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    back = load_model(out)
+    w = "model.layers.0.mlp.experts.gate_up_proj"
+    rel = ((back.get_parameter(w) - model.get_parameter(w)).norm() / model.get_parameter(w).norm()).item()
+    assert 0 < rel < 0.01  # int8 per channel: ~0.5%
+    router = "model.layers.0.mlp.router.weight"
+    assert torch.equal(back.get_parameter(router), model.get_parameter(router))

@@ -50,3 +50,88 @@ def describe_checkpoint(folder: str | Path) -> dict:
         "unquantized_expert_weights": len(kept_experts),
         "unquantized_weights": sorted(m for m in kept if not EXPERT.search(m) and not m.endswith("norm")),
     }
+
+
+# transformers 5.24 merges quantized per-expert weights into its fused experts only for FP8
+# ("float-quantized") and packed int4 ("pack-quantized"): CompressedTensorsDequantize reads
+# int8 experts ("int-quantized", W8A8) as nothing, and loading fails with "Concatenate on
+# tensors destined for ...experts.gate_up_proj. Ckpt contains: 0".
+FORMATS_TRANSFORMERS_MERGES = ("float-quantized", "pack-quantized")
+
+
+def quantization_format(folder: str | Path) -> str | None:
+    """The compressed-tensors format of a checkpoint folder, None when it is not one."""
+    path = Path(folder) / "config.json"
+    try:
+        qc = json.loads(path.read_text()).get("quantization_config") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    if qc.get("quant_method") != "compressed-tensors":
+        return None
+    groups = list((qc.get("config_groups") or {}).values())
+    return (groups[0].get("format") if len(groups) == 1 else None) or qc.get("format")
+
+
+def needs_dequantized_copy(folder: str | Path) -> bool:
+    """A compressed-tensors MoE checkpoint transformers cannot load (int8 experts)."""
+    fmt = quantization_format(folder)
+    if fmt is None or fmt in FORMATS_TRANSFORMERS_MERGES:
+        return False
+    return any(EXPERT.search(name) for name in tensor_dtypes(Path(folder)))
+
+
+def dequantize_checkpoint(src: str | Path, out: str | Path) -> Path:
+    """A plain (unquantized) copy of a compressed-tensors checkpoint, made with compressed-tensors'
+    own decompressors: every quantized weight becomes ``weight`` in the config's dtype, the
+    quantization parameters and ``quantization_config`` are dropped, other files are copied.
+    For evaluating what transformers cannot load (``needs_dequantized_copy``); one shard in memory at a time."""
+    import shutil
+
+    import torch
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from slimmoe.errors import UserError
+    from slimmoe.io.atomic import replace_folder
+
+    src, out = Path(src), Path(out)
+    cfg = json.loads((src / "config.json").read_text())
+    qc = QuantizationConfig.model_validate(cfg.pop("quantization_config"))
+    if len(qc.config_groups) != 1:
+        raise UserError(f"MODEL: {src} has {len(qc.config_groups)} quantization groups; only one is supported")
+    scheme = next(iter(qc.config_groups.values()))
+    compressor = BaseCompressor.get_value_from_registry(scheme.format or qc.format)
+    dtype = getattr(torch, str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"))
+    with replace_folder(out) as tmp:
+        for f in sorted(src.iterdir()):
+            if f.is_file() and not f.name.startswith(".") and f.suffix != ".safetensors" and f.name != "config.json":
+                shutil.copy2(f, tmp / f.name)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        weight_map = {}
+        for shard in sorted(src.glob("*.safetensors")):
+            with safe_open(str(shard), "pt") as fh:
+                tensors = _dequantized({k: fh.get_tensor(k) for k in fh.keys()}, compressor, scheme, dtype)
+            save_file(tensors, str(tmp / shard.name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(tensors, shard.name))
+        index = tmp / "model.safetensors.index.json"
+        if index.is_file():  # the copied index names the quantization parameters: list what is there now
+            index.write_text(json.dumps({**json.loads(index.read_text()), "weight_map": weight_map}, indent=2) + "\n")
+    return out
+
+
+def _dequantized(tensors: dict, compressor, scheme, dtype) -> dict:
+    groups: dict[str, dict] = {}
+    for name, t in tensors.items():
+        module, _, param = name.rpartition(".")
+        groups.setdefault(module, {})[param] = t
+    out = {}
+    for module, params in groups.items():
+        prefix = f"{module}." if module else ""
+        if "weight_scale" not in params:
+            out.update({prefix + p: t for p, t in params.items()})
+            continue
+        out[prefix + "weight"] = compressor.decompress(dict(params), scheme)["weight"].to(dtype).contiguous()
+        out.update({prefix + p: t for p, t in params.items() if not p.startswith(("weight", "input_", "output_"))})
+    return out

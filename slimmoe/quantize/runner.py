@@ -88,7 +88,8 @@ def find_python(config: QuantizeConfig) -> Path:
                         f"run {INSTALL_SCRIPT} (llm-compressor cannot install beside slimmoe's pinned transformers)")
     if not python.is_file():
         field = "python" if config.python else PYTHON_ENV
-        raise UserError(f"{field}: {python} does not exist; run {INSTALL_SCRIPT} or point it at llm-compressor's Python")
+        raise UserError(f"{field}: {python} does not exist; run {INSTALL_SCRIPT} "
+                        "or point it at llm-compressor's Python")
     return python
 
 
