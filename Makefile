@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-cache bench-data bench-quality bench-scale bench-slim ablation constraints clean
+.PHONY: install demo test test-quantize bench bench-cache bench-data bench-quality bench-scale bench-slim ablation constraints clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+test-quantize: $(STAMP)  # llm-compressor in its own environment (scripts/install-llmcompressor, once), then the quantization tests
+	test -x .venv-llmcompressor/bin/python || PY=$(PY) scripts/install-llmcompressor
+	$(BIN)/python -m pytest -q tests/test_quantize.py tests/test_quantize_engine.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/importance.py
