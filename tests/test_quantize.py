@@ -147,17 +147,6 @@ def test_describe_checkpoint_reads_the_headers(tmp_path):
     assert d["safetensors_bytes"] == (tmp_path / "model.safetensors").stat().st_size
 
 
-def test_loading_a_compressed_tensors_folder_asks_for_dequantization():
-    from slimmoe.io import loading
-
-    class Cfg:
-        quantization_config = {"quant_method": "compressed-tensors"}
-
-    assert loading._is_compressed_tensors(Cfg())
-    assert not loading._is_compressed_tensors(object())
-    assert loading._dequantize_on_load().dequantize is True
-
-
 def test_dequantized_copy_of_int8_experts(tmp_path):
     """W8A8's int8 experts (which transformers 5.24 does not dequantize): weight x scale per
     output channel, in the config's dtype, quantization_config and parameters gone."""

@@ -142,11 +142,9 @@ def load_model(path, field: str = "MODEL", dtype="auto", device: str | None = No
     if isinstance(path, PreTrainedModel):
         return path
     path = str(path)
-    config = load_config(path, field)
+    load_config(path, field)
     check_weights(path, field)
     policy = load_policy()
-    if _is_compressed_tensors(config):
-        kwargs.setdefault("quantization_config", _dequantize_on_load())
     kwargs.setdefault("use_safetensors", None if policy.allow_pickle else True)
     kwargs.setdefault("trust_remote_code", policy.trust_remote_code)
     try:
@@ -156,23 +154,6 @@ def load_model(path, field: str = "MODEL", dtype="auto", device: str | None = No
     if device:
         model.to(device)
     return model.eval()
-
-
-def _is_compressed_tensors(config) -> bool:
-    qc = getattr(config, "quantization_config", None)
-    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
-    return str(method) in ("compressed-tensors", "QuantizationMethod.COMPRESSED_TENSORS")
-
-
-def _dequantize_on_load():
-    """A compressed-tensors checkpoint (``slimmoe quantize``) loads dequantized: transformers
-    5.24 merges per-expert quantized weights into the fused MoE experts only on that path
-    (``CompressedTensorsDequantize``); without it the experts' scales are dropped."""
-    try:
-        from transformers import CompressedTensorsConfig
-    except ImportError:  # pragma: no cover - transformers without the integration
-        raise UserError("MODEL: a compressed-tensors checkpoint needs transformers' CompressedTensorsConfig") from None
-    return CompressedTensorsConfig(dequantize=True)
 
 
 def has_tokenizer(path) -> bool:

@@ -119,9 +119,10 @@ def run_worker(python: Path, args: dict) -> dict:
 
 def finish_config(folder: Path, ignore: list[str]) -> None:
     """Add the requested ignore patterns to the checkpoint's quantization_config next to the
-    module names llm-compressor resolved them to: those names are the linearized model's,
-    which neither transformers (``mlp.router``) nor vLLM (``block_sparse_moe.gate``) uses for
-    a phimoe router, and an unmatched router would be taken as quantized on loading."""
+    module names llm-compressor resolved them to. Those names are the linearized model's
+    (``block_sparse_moe.router`` for phimoe), which neither transformers (``mlp.router``) nor
+    vLLM (``block_sparse_moe.gate``) uses: measured, transformers 5.24 then takes the router
+    as quantized, reads an FP8 router weight without a scale and loses the routing."""
     path = folder / "config.json"
     cfg = json.loads(path.read_text())
     qc = cfg.get("quantization_config") or {}
