@@ -128,3 +128,27 @@ def test_loads_in_slimmoe_with_the_format_error(teacher, quantized, scheme, tmp_
         assert lo < rel < hi, f"{scheme} {name}: relative weight error {rel:.4f} outside ({lo}, {hi})"
     assert torch.equal(base.get_parameter("model.layers.0.mlp.router.weight"),
                        q.get_parameter("model.layers.0.mlp.router.weight"))  # routers stay as they were
+
+
+@pytest.mark.parametrize("model_type,expert,router", [
+    ("mixtral", "model.layers.0.block_sparse_moe.experts.3.w2", "model.layers.0.block_sparse_moe.gate"),
+    ("qwen3_moe", "model.layers.0.mlp.experts.3.down_proj", "model.layers.0.mlp.gate"),
+])
+def test_other_families_keep_their_checkpoint_names(tmp_path, model_type, expert, router):
+    """FP8 on a random tiny mixtral and qwen3_moe: experts quantized under the names the family's
+    released checkpoints use, the router kept, and stock from_pretrained reads it back."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny_models import tiny_model
+
+    model = tiny_model(model_type)
+    model.save_pretrained(tmp_path / "model")
+    report = quantize_model(tmp_path / "model", tmp_path / "fp8", QuantizeConfig(scheme="FP8_DYNAMIC"))
+    assert report["quantized_expert_weights"] == 24 and report["unquantized_expert_weights"] == 0
+    t = tensors(tmp_path / "fp8")
+    assert t[f"{expert}.weight"].dtype == torch.float8_e4m3fn and f"{expert}.weight_scale" in t
+    assert t[f"{router}.weight"].dtype == torch.float32 and f"{router}.weight_scale" not in t
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "fp8")
+    name = "model.layers.0.mlp.experts.down_proj"
+    a, b = model.get_parameter(name), back.get_parameter(name)
+    assert 0 < ((b - a).norm() / a.norm()).item() < 0.04  # FP8, as above
