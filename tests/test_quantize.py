@@ -147,13 +147,9 @@ def test_describe_checkpoint_reads_the_headers(tmp_path):
     assert d["safetensors_bytes"] == (tmp_path / "model.safetensors").stat().st_size
 
 
-def test_dequantized_copy_of_int8_experts(tmp_path):
-    """W8A8's int8 experts (which transformers 5.24 does not dequantize): weight x scale per
-    output channel, in the config's dtype, quantization_config and parameters gone."""
-    from slimmoe.io.loading import load_model
-    from slimmoe.quantize.checkpoint import dequantize_checkpoint, needs_dequantized_copy
-
-    src = tmp_path / "q"
+def int8_checkpoint(src: Path):
+    """A W8A8-format checkpoint of a tiny phimoe written by hand: int8 experts and attention,
+    one scale per output channel, as llm-compressor writes them. Returns the original model."""
     model = tiny_model("phimoe")
     model.save_pretrained(src)
     with safe_open(str(src / "model.safetensors"), "pt") as f:
@@ -174,6 +170,17 @@ def test_dequantized_copy_of_int8_experts(tmp_path):
                                   "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
                                                                 "format": "int-quantized"}}}
     (src / "config.json").write_text(json.dumps(cfg))
+    return model
+
+
+def test_dequantized_copy_of_int8_experts(tmp_path):
+    """W8A8's int8 experts (which transformers 5.24 does not dequantize): weight x scale per
+    output channel, in the config's dtype, quantization_config and parameters gone."""
+    from slimmoe.io.loading import load_model
+    from slimmoe.quantize.checkpoint import dequantize_checkpoint, needs_dequantized_copy
+
+    src = tmp_path / "q"
+    model = int8_checkpoint(src)
     assert needs_dequantized_copy(src) and not needs_dequantized_copy(tmp_path / "nothing")
     out = dequantize_checkpoint(src, tmp_path / "plain")
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
@@ -183,3 +190,10 @@ def test_dequantized_copy_of_int8_experts(tmp_path):
     assert 0 < rel < 0.01  # int8 per channel: ~0.5%
     router = "model.layers.0.mlp.router.weight"
     assert torch.equal(back.get_parameter(router), model.get_parameter(router))
+
+
+def test_slimmoe_eval_reads_int8_experts_through_a_dequantized_copy(tmp_path, capsys):
+    int8_checkpoint(tmp_path / "q")
+    assert main(["eval", str(tmp_path / "q"), "--max-blocks", "2", "--seq-len", "16"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["perplexity"] > 1 and result["total_params"] > 0
