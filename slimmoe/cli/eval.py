@@ -48,28 +48,14 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _load_evaluable(path: str, load_model):
-    """The model, or, for a compressed-tensors MoE checkpoint transformers cannot load (int8
-    experts, W8A8), a dequantized copy of it made in a temporary folder."""
-    from slimmoe.quantize.checkpoint import dequantize_checkpoint, needs_dequantized_copy
-
-    if not needs_dequantized_copy(path):
-        return load_model(path)
-    import tempfile
-
-    logging.getLogger("slimmoe").warning("%s: int8 experts, which transformers does not dequantize: "
-                                         "evaluating a dequantized copy", path)
-    with tempfile.TemporaryDirectory(prefix="slimmoe-eval-") as tmp:
-        return load_model(dequantize_checkpoint(path, Path(tmp) / "model"))
-
-
 def run(args) -> int:
     from slimmoe.evaluation.summary import evaluate
     from slimmoe.io.data import load_blocks, random_blocks
-    from slimmoe.io.loading import load_model, load_tokenizer
+    from slimmoe.io.loading import load_tokenizer
+    from slimmoe.quantize.checkpoint import load_evaluable
 
     opts = EVAL_FLAGS.build(args)
-    model = _load_evaluable(args.model, load_model)
+    model = load_evaluable(args.model)  # load_model, or a dequantized copy of int8 MoE experts
     tokenizer = load_tokenizer(args.model)
     if opts.data and tokenizer is not None:
         blocks, _ = load_blocks(opts.data, tokenizer, opts.seq_len, max_blocks=opts.max_blocks, fields=("--data", "--data"))

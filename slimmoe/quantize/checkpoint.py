@@ -135,3 +135,20 @@ def _dequantized(tensors: dict, compressor, scheme, dtype) -> dict:
         out[prefix + "weight"] = compressor.decompress(dict(params), scheme)["weight"].to(dtype).contiguous()
         out.update({prefix + p: t for p, t in params.items() if not p.startswith(("weight", "input_", "output_"))})
     return out
+
+
+def load_evaluable(path: str | Path, **kwargs):
+    """The model of a checkpoint folder for evaluation: :func:`slimmoe.io.loading.load_model`,
+    or, where transformers cannot load it (:func:`needs_dequantized_copy`), the same from a
+    dequantized copy in a temporary folder (removed once loaded)."""
+    import logging
+    import tempfile
+
+    from slimmoe.io.loading import load_model
+
+    if not needs_dequantized_copy(path):
+        return load_model(path, **kwargs)
+    logging.getLogger("slimmoe").warning("%s: int8 experts, which transformers does not dequantize: "
+                                         "evaluating a dequantized copy", path)
+    with tempfile.TemporaryDirectory(prefix="slimmoe-eval-") as tmp:
+        return load_model(dequantize_checkpoint(path, Path(tmp) / "model"), **kwargs)
