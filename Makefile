@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow test-engines bench bench-cache bench-data bench-quality bench-scale bench-serve bench-slim ablation constraints clean
+.PHONY: install demo test test-slow test-engines test-quantize bench bench-cache bench-data bench-quality bench-scale bench-serve bench-slim ablation constraints clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,6 +27,10 @@ test-slow: $(STAMP)  # the opt-in `slow` checks: two-node work-pool run, MLflow 
 test-engines: $(STAMP)  # llama.cpp runs an exported GGUF as transformers runs the model (compiles llama.cpp: minutes)
 	scripts/install-llama-cpp
 	$(BIN)/python -m pytest -q -s tests/test_engines_llama_cpp.py
+
+test-quantize: $(STAMP)  # llm-compressor in its own environment (scripts/install-llmcompressor, once), then the quantization tests
+	test -x .venv-llmcompressor/bin/python || PY=$(PY) scripts/install-llmcompressor
+	$(BIN)/python -m pytest -q tests/test_quantize.py tests/test_quantize_engine.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/importance.py

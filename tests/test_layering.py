@@ -3,7 +3,7 @@ functions included), each sub-package imports only the ones below it, nothing im
 Prefect, MLflow, tasks/ or flows/, and no module reaches itself through its imports.
 
     leaves (errors, config, losses, resources, faults)
-      <- io, arch <- evaluation, export <- prune, distill <- pipeline <- cli
+      <- io, arch <- evaluation, export, quantize <- prune, distill <- pipeline <- cli
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).parents[1]
 LIB = ROOT / "slimmoe"
 LEAVES = {"slimmoe", "slimmoe.errors", "slimmoe.config", "slimmoe.losses", "slimmoe.resources", "slimmoe.faults"}
-LEVEL = {"io": 1, "arch": 1, "parallel": 1, "evaluation": 2, "export": 2, "prune": 3, "distill": 3, "pipeline": 4, "cli": 5}
+LEVEL = {"io": 1, "arch": 1, "parallel": 1, "evaluation": 2, "export": 2, "quantize": 2, "prune": 3, "distill": 3, "pipeline": 4, "cli": 5}
 FORBIDDEN_ROOTS = ("prefect", "mlflow", "tasks", "flows")
 
 

@@ -51,10 +51,11 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from slimmoe.evaluation.summary import evaluate
     from slimmoe.io.data import load_blocks, random_blocks
-    from slimmoe.io.loading import load_model, load_tokenizer
+    from slimmoe.io.loading import load_tokenizer
+    from slimmoe.quantize.checkpoint import load_evaluable
 
     opts = EVAL_FLAGS.build(args)
-    model = load_model(args.model)
+    model = load_evaluable(args.model)  # load_model, or a dequantized copy of int8 MoE experts
     tokenizer = load_tokenizer(args.model)
     if opts.data and tokenizer is not None:
         blocks, _ = load_blocks(opts.data, tokenizer, opts.seq_len, max_blocks=opts.max_blocks, fields=("--data", "--data"))

@@ -9,14 +9,14 @@ import logging
 import sys
 from importlib.metadata import entry_points
 
-from slimmoe.cli import distill, eval, export, plan, prune, tokenize
+from slimmoe.cli import distill, eval, export, plan, prune, quantize, tokenize
 from slimmoe.cli.common import run_guarded
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slimmoe", description="Compress MoE language models by expert slimming and distillation.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (prune, eval, distill, plan, tokenize, export):
+    for command in (prune, eval, distill, plan, tokenize, export, quantize):
         command.add_parser(sub)
     for ep in entry_points(group="slimmoe.commands"):  # run, demo, ablate: the pipeline (Prefect + MLflow)
         ep.load()(sub)
