@@ -87,16 +87,7 @@ def _ablation(cfg: AblationConfig) -> dict:
         sizes = ", ".join(f"{s.name.split('.', 1)[1]}: {s.targets().model_dump(exclude_none=True)} "
                           f"({s.distill.tokens:,} tokens)" for s in stages)
         print(f"arm {arm}: {sizes}")
-    open_step_cache(out)
-
-    teacher = fingerprint(cfg.teacher)
-    blocks = cached(steps.prepare_data, out)(cfg.data, teacher, out / "data")
-    parent = rt.start_ablation_run(cfg, teacher, blocks, tracking)
-    teacher_metrics = cached(steps.evaluate, out)("teacher", teacher, blocks, cfg.eval, tracking, parent)
-    shared_scores = out / "shared" / "importance.pt"
-    scores = cached(steps.importance, out, shared_scores)(
-        "teacher", teacher, None, blocks, cfg.importance, scoring_targets(arms, teacher_cfg), shared_scores,
-        tracking, parent)
+    teacher, blocks, parent, teacher_metrics, scores = _shared_steps(cfg, out, arms, teacher_cfg, tracking)
 
     # the scratch arm's shape is the one-shot-slim model's: the same slim step (same name, same inputs)
     shape = arms["scratch"][0].model_copy(update={"name": "one-shot-slim.final"}) if "scratch" in arms else None
@@ -114,6 +105,22 @@ def _ablation(cfg: AblationConfig) -> dict:
     return rt.publish_report(out, runs, teacher_row, meta, tracking, parent)
 
 
+def _shared_steps(cfg: AblationConfig, out: Path, arms: dict, teacher_cfg, tracking: TrackingSettings):
+    """What every arm (and every cell of a grid) starts from, each step cached in ``out``: the
+    data, the parent MLflow run, the teacher's evaluation, and one importance pass scored for
+    every arm's targets. Returns (teacher, blocks, parent run id, teacher metrics, scores)."""
+    open_step_cache(out)
+    teacher = fingerprint(cfg.teacher)
+    blocks = cached(steps.prepare_data, out)(cfg.data, teacher, out / "data")
+    parent = rt.start_ablation_run(cfg, teacher, blocks, tracking)
+    teacher_metrics = cached(steps.evaluate, out)("teacher", teacher, blocks, cfg.eval, tracking, parent)
+    shared_scores = out / "shared" / "importance.pt"
+    scores = cached(steps.importance, out, shared_scores)(
+        "teacher", teacher, None, blocks, cfg.importance, scoring_targets(arms, teacher_cfg), shared_scores,
+        tracking, parent)
+    return teacher, blocks, parent, teacher_metrics, scores
+
+
 def _grid(cfg: AblationConfig) -> dict:
     """Every cell of the grid (slimmoe.pipeline.grid) in one output folder and one step cache:
     data, the teacher's evaluation and top-k cache and one importance pass serve every cell, and
@@ -125,16 +132,7 @@ def _grid(cfg: AblationConfig) -> dict:
     cells = expand_grid(cfg, teacher_cfg)
     tracking = tracking_settings(cfg)
     print(f"grid: {len(cells)} cells, {len(arms)} arms x {len(cfg.seeds)} seeds")
-    open_step_cache(out)
-
-    teacher = fingerprint(cfg.teacher)
-    blocks = cached(steps.prepare_data, out)(cfg.data, teacher, out / "data")
-    parent = rt.start_ablation_run(cfg, teacher, blocks, tracking)
-    teacher_metrics = cached(steps.evaluate, out)("teacher", teacher, blocks, cfg.eval, tracking, parent)
-    shared_scores = out / "shared" / "importance.pt"
-    scores = cached(steps.importance, out, shared_scores)(
-        "teacher", teacher, None, blocks, cfg.importance, scoring_targets(arms, teacher_cfg), shared_scores,
-        tracking, parent)
+    teacher, blocks, parent, teacher_metrics, scores = _shared_steps(cfg, out, arms, teacher_cfg, tracking)
     teacher_row = {k: teacher_metrics[k] for k in ("perplexity", "total_params", "active_params")}
     meta = {"name": cfg.name, "teacher": cfg.teacher, "data": cfg.data.train, "seeds": cfg.seeds,
             "distillation loss": cfg.distill.loss, "teacher_tokens": teacher_tokens(cfg, cfg.grid)}

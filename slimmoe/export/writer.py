@@ -29,19 +29,9 @@ GGUF_TYPES = ("auto", "f32", "f16", "bf16", "q8_0")
 
 def read_model_config(model: Path) -> dict:
     """config.json of a model folder, as a dict; a one-line ``UserError`` when it is missing."""
-    model = Path(model)
-    if not model.is_dir():
-        raise UserError(f"MODEL: {model} is not a folder")
-    path = model / "config.json"
-    if not path.is_file():
-        raise UserError(f"MODEL: {path} does not exist")
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"MODEL: {path} is not valid JSON ({e.__class__.__name__})") from None
-    if not isinstance(cfg, dict):
-        raise UserError(f"MODEL: {path} is not a JSON object")
-    return cfg
+    from slimmoe.io.loading import read_config_json  # slimmoe.io imports torch; the CLI builds without it
+
+    return read_config_json(model)
 
 
 def link_or_copy_tree(src: Path, dst: Path) -> None:

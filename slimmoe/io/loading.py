@@ -160,6 +160,23 @@ def has_tokenizer(path) -> bool:
     return any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
 
 
+def read_config_json(model: str | Path, field: str = "MODEL") -> dict:
+    """A model folder's config.json as a dict, without transformers (no model code imported);
+    a one-line ``UserError`` naming ``field`` and the file when it is missing or not a JSON object."""
+    path = Path(model) / "config.json"
+    if not Path(model).is_dir():
+        raise UserError(f"{field}: {model} is not a folder")
+    if not path.is_file():
+        raise UserError(f"{field}: {path} does not exist")
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{field}: {path} is not valid JSON ({e.__class__.__name__})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{field}: {path} is not a JSON object")
+    return cfg
+
+
 def save_tokenizer(tokenizer, out: str | Path) -> None:
     """``tokenizer.save_pretrained(out)``, plus the vocabulary files of the folder it was loaded
     from that transformers 5 does not write back. A SentencePiece ``tokenizer.model`` (Phi-3.5-MoE

@@ -29,20 +29,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def read_model_config(model: Path) -> dict:
-    """config.json of a model folder; a one-line ``UserError`` naming the file otherwise."""
-    path = Path(model) / "config.json"
-    if not Path(model).is_dir():
-        raise UserError(f"MODEL: {model} is not a folder")
-    if not path.is_file():
-        raise UserError(f"MODEL: {path} does not exist")
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"MODEL: {path} is not valid JSON ({e.__class__.__name__})") from None
-    if not isinstance(cfg, dict):
-        raise UserError(f"MODEL: {path} is not a JSON object")
+    """config.json of a model folder that is not quantized yet; a one-line ``UserError`` otherwise."""
+    from slimmoe.io.loading import read_config_json  # slimmoe.io imports torch; the CLI builds without it
+
+    cfg = read_config_json(model)
     if "quantization_config" in cfg:
-        raise UserError(f"MODEL: {path} is already quantized (quantization_config); quantize the unquantized model")
+        raise UserError(f"MODEL: {Path(model) / 'config.json'} is already quantized (quantization_config); "
+                        f"quantize the unquantized model")
     return cfg
 
 
