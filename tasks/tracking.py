@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import tempfile
 import time
@@ -308,7 +309,9 @@ class Tracker:
         if not Path(model_dir).is_dir():
             raise FileNotFoundError(f"model folder not found: {model_dir}")
         experiment_id = self.client.get_run(run_id).info.experiment_id
-        logged = self.client.create_logged_model(experiment_id, name=tags.get("stage", "model"), source_run_id=run_id,
+        # a logged model's name may not hold / : . % " ' (ablation stages are "<arm>.<stage>")
+        logged_name = re.sub(r"[/:.%\"']", "-", tags.get("stage", "model"))
+        logged = self.client.create_logged_model(experiment_id, name=logged_name, source_run_id=run_id,
                                                  tags=tags, model_type="text-generation")
         try:
             with tempfile.TemporaryDirectory() as tmp:
