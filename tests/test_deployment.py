@@ -218,7 +218,7 @@ def test_compress_deployment_runs_on_a_worker(prefect_stack, tmp_path):
     else:
         which = [arg for name in sorted(expected) for arg in ("--name", name)]
     if which == ["--all"] and (ROOT / "flows" / "ablation.py").exists():
-        expected |= {"ablation/ablation-demo"}
+        expected |= {"ablation/ablation-demo", "ablation/ablation-gutenberg-grid", "teacher/teacher-gutenberg"}
     if which == ["--all"] and (ROOT / "flows" / "node.py").exists():
         expected |= {"node/default"}
     cli(env, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", *which)
