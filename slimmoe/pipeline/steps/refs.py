@@ -17,9 +17,8 @@ from pydantic import BaseModel, ConfigDict
 
 from slimmoe.io.fingerprint import file_fingerprint, folder_fingerprint
 
-__all__ = ["DistilledModel", "ImportanceRef", "ModelRef", "QuantizeEngine", "QuantizedModel", "SlimmedModel", "StepRecord",
-           "TokenBlocks", "file_fingerprint",
-           "folder_fingerprint"]
+__all__ = ["DistilledModel", "ImportanceRef", "ModelRef", "QuantizeEngine", "QuantizedModel", "SlimmedModel",
+           "StepRecord", "TokenBlocks", "file_fingerprint", "folder_fingerprint"]
 
 
 class StepRecord(BaseModel):
