@@ -139,7 +139,10 @@ def prefect_server():
 
 
 @needs_llmcompressor
-def test_a_quantized_last_stage_is_evaluated_registered_and_cached(tmp_path, prefect_server):
+@pytest.mark.parametrize("scheme", ["FP8_DYNAMIC",
+                                    # int8 experts: evaluated through a dequantized copy, registered as files
+                                    pytest.param("W8A8", marks=pytest.mark.slow)])
+def test_a_quantized_last_stage_is_evaluated_registered_and_cached(tmp_path, prefect_server, scheme):
     from helpers_prefect import last_task_states
     from mlflow.tracking import MlflowClient
     from tiny_models import tiny_teacher_with_tokenizer
@@ -147,7 +150,7 @@ def test_a_quantized_last_stage_is_evaluated_registered_and_cached(tmp_path, pre
     from slimmoe.quantize import load_evaluable
 
     teacher, corpus = tiny_teacher_with_tokenizer(tmp_path / "teacher", corpus_chars=30000)
-    path = write_config(tmp_path, {"scheme": "FP8_DYNAMIC"}, teacher=teacher, importance={"samples": 8},
+    path = write_config(tmp_path, {"scheme": scheme}, teacher=teacher, importance={"samples": 8},
                         distill={"tokens": 4096, "batch_size": 8, "lr": 1e-3},
                         eval={"throughput_batch_sizes": [1], "generation": False, "peak_memory": False})
     cfg = yaml.safe_load(path.read_text())
@@ -163,20 +166,22 @@ def test_a_quantized_last_stage_is_evaluated_registered_and_cached(tmp_path, pre
     summary = json.loads((out / "summary.json").read_text())
     row = summary["stages"][-1]
     q = row["quantized"]
-    assert q["scheme"] == "FP8_DYNAMIC" and q["path"] == str(folder)
+    assert q["scheme"] == scheme and q["path"] == str(folder)
     assert 0 < q["bytes"] < q["source_bytes"]
     assert abs(q["perplexity"] / row["perplexity"] - 1) < 0.05, (q["perplexity"], row["perplexity"])
 
     client = MlflowClient(summary["mlflow"]["tracking_uri"])
     run = client.get_run(q["mlflow_run_id"])
-    assert run.info.run_name == "final-FP8_DYNAMIC" and q["mlflow_run_id"] != row["mlflow_run_id"]
+    assert run.info.run_name == f"final-{scheme}" and q["mlflow_run_id"] != row["mlflow_run_id"]
     assert run.data.tags["mlflow.parentRunId"] == summary["mlflow"]["parent_run_id"]
-    assert run.data.params["scheme"] == "FP8_DYNAMIC" and "python" not in run.data.params
+    assert run.data.params["scheme"] == scheme and "python" not in run.data.params
     assert run.data.metrics["eval/perplexity"] == pytest.approx(q["perplexity"])
     assert run.data.metrics["quantize/quantized_expert_weights"] > 0
     version = client.get_model_version("q", q["model_version"])
-    assert version.tags["parent_version"] == row["model_version"] and version.tags["stage"] == "final-FP8_DYNAMIC"
+    assert version.tags["parent_version"] == row["model_version"] and version.tags["stage"] == f"final-{scheme}"
     assert last_task_states()["quantize-final"] == "Completed"
+    print(f"{scheme}: {q['bytes']:,} bytes (unquantized {q['source_bytes']:,}), perplexity {row['perplexity']:.4f} -> "
+          f"{q['perplexity']:.4f}, KL {row['kl_to_teacher']:.4f} -> {q['kl_to_teacher']:.4f}")
 
     assert main(["run", str(path)]) == 0  # again: every step cached, the same runs and versions
     states = last_task_states()
