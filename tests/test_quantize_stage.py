@@ -179,6 +179,11 @@ def test_a_quantized_last_stage_is_evaluated_registered_and_cached(tmp_path, pre
     assert run.data.metrics["quantize/quantized_expert_weights"] > 0
     version = client.get_model_version("q", q["model_version"])
     assert version.tags["parent_version"] == row["model_version"] and version.tags["stage"] == f"final-{scheme}"
+    import mlflow.artifacts
+
+    files = Path(mlflow.artifacts.download_artifacts(artifact_uri=client.get_model_version_download_uri(
+        "q", q["model_version"]), dst_path=str(tmp_path / "registered"), tracking_uri=summary["mlflow"]["tracking_uri"]))
+    assert (files / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()  # as served
     assert last_task_states()["quantize-final"] == "Completed"
     print(f"{scheme}: {q['bytes']:,} bytes (unquantized {q['source_bytes']:,}), perplexity {row['perplexity']:.4f} -> "
           f"{q['perplexity']:.4f}, KL {row['kl_to_teacher']:.4f} -> {q['kl_to_teacher']:.4f}")
