@@ -30,7 +30,7 @@ test-engines: $(STAMP)  # llama.cpp runs an exported GGUF as transformers runs t
 
 test-quantize: $(STAMP)  # llm-compressor in its own environment (scripts/install-llmcompressor, once), then the quantization tests
 	test -x .venv-llmcompressor/bin/python || PY=$(PY) scripts/install-llmcompressor
-	$(BIN)/python -m pytest -q tests/test_quantize.py tests/test_quantize_engine.py
+	$(BIN)/python -m pytest -q tests/test_quantize.py tests/test_quantize_engine.py tests/test_quantize_stage.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/importance.py

@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from slimmoe.arch import get_adapter
 from slimmoe.io.loading import load_config, loading_policy
 from slimmoe.io.lock import output_lock
-from slimmoe.pipeline.steps import DistilledModel, ImportanceRef, ModelRef, SlimmedModel
+from slimmoe.pipeline.steps import DistilledModel, ImportanceRef, ModelRef, QuantizedModel, SlimmedModel
 from slimmoe.prune.plan import source_sizes
 from tasks.tracking import TrackingSettings
 
@@ -41,7 +41,7 @@ def tracking_settings(config) -> TrackingSettings:
 
 @dataclass
 class StageOutputs:
-    """Where a stage writes: ``<root>/<stage>/{importance.pt, pruned/, model/, export/<engine>/}``
+    """Where a stage writes: ``<root>/<stage>/{importance.pt, pruned/, model/, export/<engine>/, quantized/}``
     (a stage without distillation slims straight into ``model/``); ``root`` also holds the
     step cache."""
 
@@ -59,6 +59,15 @@ class StageOutputs:
     @property
     def model(self) -> Path:
         return self.root / self.stage / "model"
+
+    @property
+    def quantized(self) -> Path:
+        return quantized_dir(self.model)
+
+
+def quantized_dir(model_dir: Path) -> Path:
+    """Where a stage's ``quantize:`` writes its compressed-tensors checkpoint: ``<stage>/quantized/``."""
+    return Path(model_dir).parent / "quantized"
 
 
 def export_dir(model_dir: Path, engine: str) -> Path:
@@ -79,6 +88,17 @@ def stage_row(name: str, small: SlimmedModel, student: ModelRef, scores: Importa
     return {"stage": name, "model": student.path, **_sizes(small.target), **_metrics(metrics),
             "tokens": int(distilled.get("tokens", 0)), "calibration_tokens": scores.calibration_tokens if scores else 0,
             "distill_steps": distilled.get("steps"), "resumed_from_step": distilled.get("resumed_from_step"),
+            "mlflow_run_id": run_id, "model_version": version}
+
+
+def quantized_entry(model: QuantizedModel, metrics: dict, run_id: str, version: str | None, source: str) -> dict:
+    """A stage row's ``quantized`` entry: the scheme, the folder, its weights' bytes on disk next
+    to the unquantized model's, its held-out perplexity, its MLflow run and registered version."""
+    def weights(folder) -> int:
+        return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+
+    return {"scheme": model.scheme, "path": model.path, "bytes": weights(model.path), "source_bytes": weights(source),
+            "perplexity": metrics.get("perplexity"), "kl_to_teacher": metrics.get("kl_to_teacher"),
             "mlflow_run_id": run_id, "model_version": version}
 
 

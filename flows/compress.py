@@ -12,11 +12,21 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.common import StageOutputs, export_dir, fingerprint, flow_guard, stage_row, teacher_row, tracking_settings
+from flows.common import (
+    StageOutputs,
+    export_dir,
+    fingerprint,
+    flow_guard,
+    quantized_dir,
+    quantized_entry,
+    stage_row,
+    teacher_row,
+    tracking_settings,
+)
 from slimmoe.config import LaunchConfig
 from slimmoe.pipeline.resolve import resolve_pipeline
 from slimmoe.pipeline.schema import PipelineConfig, StageConfig
-from slimmoe.pipeline.steps import ImportanceRef, ModelRef, TokenBlocks
+from slimmoe.pipeline.steps import ImportanceRef, ModelRef, TokenBlocks, quantize_engine
 from tasks import lineage, steps
 from tasks.caching import cached, open_step_cache
 from tasks.tracking import TrackingSettings
@@ -54,7 +64,7 @@ def compress_stage(pipeline: str, stage: StageConfig, current: ModelRef, current
                    teacher: ModelRef, blocks: TokenBlocks, tracking: TrackingSettings, parent: str, where,
                    scores: ImportanceRef | None = None,
                    launch: LaunchConfig = LaunchConfig()) -> tuple[dict, ModelRef, str | None]:
-    """importance -> slim -> distill -> evaluate -> export -> register, for one stage; returns its summary
+    """importance -> slim -> distill -> evaluate -> export -> register (-> quantize), for one stage; returns its summary
     row, its model and that model's registered version. ``where`` names the stage's outputs
     (``StageOutputs`` or the ablation's ``ArmOutputs``; its ``root`` holds the step cache).
 
@@ -83,4 +93,23 @@ def compress_stage(pipeline: str, stage: StageConfig, current: ModelRef, current
     row = stage_row(stage.name, small, student, scores, metrics, run, version)
     if exports:
         row["export"] = exports
-    return row, student, version
+    if stage.quantize is not None:
+        row["quantized"] = quantize_stage_model(pipeline, stage, student, version, teacher, blocks, tracking, parent,
+                                                where)
+    return row, student, version  # the next stage starts from the unquantized model
+
+
+def quantize_stage_model(pipeline: str, stage: StageConfig, student: ModelRef, version: str | None, teacher: ModelRef,
+                         blocks: TokenBlocks, tracking: TrackingSettings, parent: str, where) -> dict:
+    """quantize -> evaluate -> register the stage's final model, in its own run ``<stage>-<scheme>``
+    (a child of the pipeline's run) and as its own version whose parent is the stage's; returns the
+    stage row's ``quantized`` entry."""
+    settings = stage.quantize
+    engine = quantize_engine(settings)  # llm-compressor's Python and versions (checked in pre-flight too)
+    name = f"{stage.name}-{settings.scheme}"
+    run = lineage.start_quantize_run(parent, stage.name, settings, engine, student, tracking)
+    out = quantized_dir(where.model)
+    quantized = cached(steps.quantize, where.root, out)(stage.name, student, settings, engine, out, tracking, run)
+    metrics = cached(steps.evaluate, where.root)(name, quantized, blocks, stage.eval, tracking, run, teacher=teacher)
+    qversion = lineage.register_quantized_model(pipeline, name, quantized, student, version, tracking, run)
+    return quantized_entry(quantized, metrics, run, qversion, student.path)

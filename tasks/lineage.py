@@ -18,15 +18,17 @@ from prefect.cache_policies import NO_CACHE
 
 from slimmoe.io.atomic import atomic_write_text
 from slimmoe.pipeline.schema import PipelineConfig, StageConfig
-from slimmoe.pipeline.steps import ModelRef, TokenBlocks
+from slimmoe.pipeline.steps import ModelRef, QuantizeEngine, TokenBlocks
+from slimmoe.quantize import QuantizeConfig
 from tasks.steps import artifact_key, tracker
 from tasks.tracking import TrackingSettings
 
 KEY_TAG = "slimmoe.key"
 SUMMARY_FILE = "summary.json"
-# Stage settings that change no result of the stage's run: asking for an export later keeps
-# the same runs (each export names its folder in a ``slimmoe.export.<engine>`` tag instead).
-NOT_RUN_PARAMS = ("export",)
+# Stage settings that change no result of the stage's run: asking for an export or a
+# quantization later keeps the same runs (each export names its folder in a
+# ``slimmoe.export.<engine>`` tag; a quantization has its own run, :func:`start_quantize_run`).
+NOT_RUN_PARAMS = ("export", "quantize")
 
 
 def run_key(*parts) -> str:
@@ -61,9 +63,33 @@ def start_stage_run(parent_run_id: str, stage: StageConfig, model: ModelRef, tea
         parent_run_id, stage.name, params, tags={KEY_TAG: key, "slimmoe.input_model": model.path})
 
 
+@task(name="start-quantize-run", cache_policy=NO_CACHE)
+def start_quantize_run(parent_run_id: str, stage: str, settings: QuantizeConfig, engine: QuantizeEngine,
+                       model: ModelRef, tracking: TrackingSettings) -> str:
+    """The nested run (a child of the pipeline's run, like a stage's) of a stage's quantization,
+    named ``<stage>-<scheme>``; keyed by the settings, the engine and the stage model's content,
+    never llm-compressor's path."""
+    tr = tracker(tracking)
+    params = {**settings.cache_identity(), "stage": stage, "llmcompressor": engine.versions}
+    key = run_key(params, engine.cache_identity(), model.fingerprint)
+    return find_run(tr, key) or tr.start_stage(
+        parent_run_id, f"{stage}-{settings.scheme}", params,
+        tags={KEY_TAG: key, "slimmoe.kind": "quantize", "slimmoe.input_model": model.path})
+
+
+@task(name="register-quantized-model", cache_policy=NO_CACHE)
+def register_quantized_model(pipeline: str, name: str, model: ModelRef, parent: ModelRef,
+                             parent_version: str | None, tracking: TrackingSettings, run_id: str) -> str | None:
+    """A quantized stage model as its own version ``name`` (``<stage>-<scheme>``), its parent the
+    stage's version, as :func:`register_stage_model` registers a stage; but as the checkpoint's
+    files (compressed-tensors, what vLLM serves), not an MLflow Model of the transformers
+    flavour, which cannot save it (:func:`tasks.mlflow_model.save_checkpoint_files`)."""
+    return register_stage_model.fn(pipeline, name, model, parent, parent_version, tracking, run_id, files_only=True)
+
+
 @task(name="register-stage-model", cache_policy=NO_CACHE)
 def register_stage_model(pipeline: str, stage: str, model: ModelRef, parent: ModelRef, parent_version: str | None,
-                         tracking: TrackingSettings, run_id: str) -> str | None:
+                         tracking: TrackingSettings, run_id: str, files_only: bool = False) -> str | None:
     """A model-registry version per stage (an MLflow Model, transformers flavour), tagged with
     the model it was made from and described by its sizes, metrics and parent."""
     tr = tracker(tracking)
@@ -73,7 +99,8 @@ def register_stage_model(pipeline: str, stage: str, model: ModelRef, parent: Mod
         version = tr.register_model(pipeline, model.path, run_id, tags={
             "stage": stage, "fingerprint": model.fingerprint, "parent_model": parent.path,
             "parent_version": parent_version or "teacher"},
-            description=version_description(pipeline, stage, metrics, parent.path, parent_version))
+            description=version_description(pipeline, stage, metrics, parent.path, parent_version),
+            files_only=files_only)
     tr.finish(run_id)
     return version
 

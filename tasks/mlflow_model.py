@@ -80,3 +80,18 @@ def _weights_only(src: Path, dest: Path) -> Path:
         for f in src.glob(pattern):
             shutil.copy2(f, dest / f.name)
     return dest
+
+
+def save_checkpoint_files(model_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """A compressed-tensors (quantized) checkpoint registered as its files, what vLLM serves
+    (``mlflow artifacts download`` then ``vllm serve``): not an MLflow Model. MLflow's
+    transformers flavour re-saves the loaded model through ``save_pretrained``, which cannot
+    write quantized fused experts back (measured, transformers 5.24, FP8_DYNAMIC phimoe:
+    ``revert_weight_conversion`` raises "Undefined Operation encountered!"), and W8A8 MoE
+    experts do not load in transformers at all."""
+    src, dest = Path(model_dir), Path(dest)
+    dest.mkdir(parents=True)
+    for f in sorted(src.iterdir()):
+        if f.is_file() and not f.name.startswith("."):
+            shutil.copy2(f, dest / f.name)
+    return dest

@@ -25,8 +25,17 @@ from slimmoe.errors import UserError
 from slimmoe.export import export_model
 from slimmoe.pipeline import steps as library
 from slimmoe.pipeline.schema import DataConfig, EvalConfig
-from slimmoe.pipeline.steps import DistilledModel, ImportanceRef, ModelRef, SlimmedModel, TokenBlocks
+from slimmoe.pipeline.steps import (
+    DistilledModel,
+    ImportanceRef,
+    ModelRef,
+    QuantizedModel,
+    QuantizeEngine,
+    SlimmedModel,
+    TokenBlocks,
+)
 from slimmoe.pipeline.steps.launched import run_spec, write_spec
+from slimmoe.quantize import QuantizeConfig
 from tasks.caching import step_policy
 from tasks.tracking import Tracker, TrackingSettings, metric_key, metric_name
 
@@ -244,3 +253,19 @@ def export(stage: str, model: ModelRef, engine: str, out_dir: Path, tracking: Tr
     out = export_model(model.path, out_dir, engine)
     tracker(tracking).client.set_tag(run_id, EXPORT_TAG.format(engine=engine), str(out))
     return {"engine": engine, "path": str(out)}
+
+
+@task(name="quantize", task_run_name="quantize-{stage}", cache_policy=step_policy())
+def quantize(stage: str, model: ModelRef, settings: QuantizeConfig, engine: QuantizeEngine, out_dir: Path,
+             tracking: TrackingSettings, run_id: str) -> QuantizedModel:
+    """A compressed-tensors checkpoint of the stage's final model in ``out_dir``, made by
+    llm-compressor in its own environment (``engine.python``). Keyed by the model's content, the
+    settings and the engine's worker hash and versions, never the interpreter's path
+    (``QuantizeConfig.cache_identity``, ``QuantizeEngine.cache_identity``). What was quantized
+    goes to the quantize run as metrics and ``quantize.json``."""
+    res = library.quantize_stage(model.path, out_dir, settings, python=engine.python)
+    tr = tracker(tracking)
+    counts = ("safetensors_bytes", "quantized_weights", "quantized_expert_weights", "unquantized_expert_weights")
+    tr.log_metrics(run_id, {f"quantize/{k}": res.report[k] for k in counts if k in res.report})
+    tr.client.log_dict(run_id, res.report, "quantize.json")
+    return res

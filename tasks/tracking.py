@@ -291,7 +291,7 @@ class Tracker:
         return str(min(int(v.version) for v in found)) if found else None
 
     def register_model(self, name: str, model_dir: str | os.PathLike, run_id: str,
-                       tags: Mapping | None = None, description: str | None = None) -> str:
+                       tags: Mapping | None = None, description: str | None = None, files_only: bool = False) -> str:
         """Log ``model_dir`` (a Hugging Face causal LM with its tokenizer) as an MLflow 3 Logged
         Model of the transformers flavour (only the Hugging Face files: tasks/mlflow_model.py),
         linked to the run and listed in the experiment's Models tab, and register it as a new
@@ -300,8 +300,9 @@ class Tracker:
         registrations. The client calls are the ones ``mlflow.transformers.log_model`` makes
         (``mlflow/models/model.py``: create_logged_model, log_model_artifacts,
         finalize_logged_model; ``create_model_version(..., model_id=...)``), made directly so
-        that a stage's run need not be the active run of this process."""
-        from tasks.mlflow_model import save_text_generation_model  # heavy (torch); only when needed
+        that a stage's run need not be the active run of this process. ``files_only``: the
+        folder's files as they are (a quantized checkpoint, :func:`tasks.mlflow_model.save_checkpoint_files`)."""
+        from tasks.mlflow_model import save_checkpoint_files, save_text_generation_model  # heavy (torch)
 
         tags = _str_tags(tags)
         if "fingerprint" in tags and (found := self.find_version(name, tags["fingerprint"])):
@@ -315,7 +316,8 @@ class Tracker:
                                                  tags=tags, model_type="text-generation")
         try:
             with tempfile.TemporaryDirectory() as tmp:
-                saved = save_text_generation_model(model_dir, Path(tmp) / "model", card=description or "")
+                saved = (save_checkpoint_files(model_dir, Path(tmp) / "model") if files_only else
+                         save_text_generation_model(model_dir, Path(tmp) / "model", card=description or ""))
                 self.client.log_model_artifacts(logged.model_id, str(saved))
         except BaseException:
             self.client.finalize_logged_model(logged.model_id, "FAILED")

@@ -111,6 +111,25 @@ def check_exports(i: int, engines: list[str], student) -> None:
             raise UserError(f"stages.{i}.export.{j}: {msg}") from None
 
 
+def check_quantize(i: int, cfg, student) -> None:
+    """A stage's ``quantize:`` must be able to run at the end of the stage: llm-compressor's
+    environment is there and has llmcompressor, and the scheme fits the stage's model, whose
+    config (``student``) is known before any work (W4A16's group must divide every input width)."""
+    if cfg is None:
+        return
+    from slimmoe.quantize import check_shapes, engine_identity, find_python
+
+    data = student.to_dict() if hasattr(student, "to_dict") else dict(student)
+    try:
+        check_shapes(data, cfg)
+        engine_identity(find_python(cfg))
+    except UserError as e:
+        msg = str(e).replace("use --group-size ", "use group_size ")
+        field = msg.split(":", 1)[0]
+        where = f"stages.{i}.quantize"
+        raise UserError(f"{where}.{msg}" if field in type(cfg).model_fields else f"{where}: {msg}") from None
+
+
 def check_tokenizer(teacher: str, config):
     """The teacher's tokenizer, which must exist and fit its vocabulary."""
     tok = load_tokenizer(teacher)

@@ -18,6 +18,7 @@ from slimmoe.io.loading import load_config
 from slimmoe.pipeline.preflight import (
     check_data_paths,
     check_exports,
+    check_quantize,
     check_smaller,
     check_teacher_and_data,
     check_topk,
@@ -141,8 +142,9 @@ def check_config(cfg: PipelineConfig):
     """The checks that need only the teacher's config.json: a missing, dense or unsupported
     teacher, missing data paths, top-k beyond the vocabulary, and stage targets its
     predecessor cannot be cut to (larger, not smaller, KV heads not dividing the query
-    heads), and serving engines a stage exports for that could not serve its model
-    (:func:`~slimmoe.pipeline.preflight.check_exports`). Returns the teacher's config."""
+    heads), serving engines a stage exports for that could not serve its model
+    (:func:`~slimmoe.pipeline.preflight.check_exports`), and a stage's quantization that could
+    not run (:func:`~slimmoe.pipeline.preflight.check_quantize`). Returns the teacher's config."""
     teacher = load_config(cfg.teacher, "teacher")
     adapter = get_adapter(teacher)
     check_data_paths(cfg.data)
@@ -155,4 +157,5 @@ def check_config(cfg: PipelineConfig):
         if cfg.schedule is None:
             check_smaller(i, before, t, f"stages.{i - 1}" if i else "the teacher")
         check_exports(i, stage.export, current)
+        check_quantize(i, stage.quantize, current)
     return teacher

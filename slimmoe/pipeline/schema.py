@@ -29,6 +29,7 @@ from slimmoe.config import (
     parse_param_count,
 )
 from slimmoe.export.engines import ENGINES
+from slimmoe.quantize.config import QuantizeConfig
 
 DEFAULT_STAGE_TOKENS = 1_000_000
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -169,6 +170,9 @@ class StageConfig(StageSettings):
     (reap when not set). ``export: [vllm, llama.cpp]`` writes, once the stage's model is
     final, what each serving engine loads into ``<stage>/export/<engine>/`` (as
     ``slimmoe export``); the engines' limits are checked before the run starts.
+    ``quantize: {scheme: FP8_DYNAMIC}`` also writes a compressed-tensors copy of the final
+    model into ``<stage>/quantized/`` (as ``slimmoe quantize``), evaluates and registers it;
+    the next stage still starts from the unquantized model.
     """
 
     name: str
@@ -180,6 +184,8 @@ class StageConfig(StageSettings):
     active_params: int | None = Field(None, gt=0, description="target active parameters (instead of sizes)")
     export: list[EngineName] = Field(default_factory=list, description="serving engines (vllm, sglang, llama.cpp) "
                                      "the stage's model is exported for, into <stage>/export/<engine>/")
+    quantize: QuantizeConfig | None = Field(None, description="a compressed-tensors copy of the stage's model "
+                                            "(FP8_DYNAMIC | W4A16 | W8A8, by llm-compressor) in <stage>/quantized/")
 
     _name = field_validator("name")(classmethod(lambda cls, v: _folder_name(v)))
     _engines = field_validator("export")(classmethod(lambda cls, v: _distinct_engines(v)))

@@ -5,8 +5,8 @@ compressed-tensors checkpoint that vLLM serves and transformers loads
 
 from slimmoe.quantize.checkpoint import dequantize_checkpoint, describe_checkpoint, load_evaluable
 from slimmoe.quantize.config import DEFAULT_IGNORE, INSTALL_SCRIPT, PYTHON_ENV, SCHEMES, QuantizeConfig, resolve_python
-from slimmoe.quantize.runner import check_shapes, find_python, quantize_model
+from slimmoe.quantize.runner import check_shapes, engine_identity, find_python, quantize_model
 
 __all__ = ["DEFAULT_IGNORE", "INSTALL_SCRIPT", "PYTHON_ENV", "SCHEMES", "QuantizeConfig", "check_shapes",
-           "dequantize_checkpoint", "describe_checkpoint", "find_python", "load_evaluable", "quantize_model",
+           "dequantize_checkpoint", "describe_checkpoint", "engine_identity", "find_python", "load_evaluable", "quantize_model",
            "resolve_python"]

@@ -18,7 +18,7 @@ import typing
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from slimmoe.config import StrictModel
 
@@ -69,11 +69,21 @@ class QuantizeConfig(StrictModel):
                     raise ValueError(f"entry {i} ({name!r}) is not a regular expression: {e}") from None
         return v
 
-    @model_validator(mode="after")
-    def _group_size_is_w4a16s(self) -> "QuantizeConfig":
-        if "group_size" in self.model_fields_set and self.scheme != "W4A16":
-            raise ValueError(f"group_size: applies to W4A16 only, not {self.scheme}")
-        return self
+    @field_validator("group_size")
+    @classmethod
+    def _group_size_is_w4a16s(cls, v: int, info) -> int:
+        """Runs only when group_size is given (defaults are not validated), so the error names the field
+        wherever the config sits (``stages.N.quantize.group_size`` in a pipeline)."""
+        scheme = info.data.get("scheme")
+        if scheme is not None and scheme != "W4A16":
+            raise ValueError(f"applies to W4A16 only, not {scheme}")
+        return v
+
+    def cache_identity(self) -> dict:
+        """What a cache or run key may hash: every field but ``python``, which names where
+        llm-compressor lives on this machine, not what it computes (the engine's versions do:
+        :func:`slimmoe.quantize.runner.engine_identity`)."""
+        return self.model_dump(mode="json", exclude={"python"})
 
 
 def repo_root() -> Path:

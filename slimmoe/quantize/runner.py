@@ -86,6 +86,30 @@ def find_python(config: QuantizeConfig) -> Path:
     return python
 
 
+VERSIONS = ("llmcompressor", "compressed-tensors", "transformers", "torch")
+_VERSIONS_CODE = ("import importlib.metadata as m, json; print(json.dumps({n: m.version(n) for n in %r}))"
+                  % (VERSIONS,))
+
+
+def engine_identity(python: Path) -> dict:
+    """What of llm-compressor's environment decides a quantized checkpoint (for cache and run
+    keys; the interpreter's path is not part of it): the worker script's hash (a file run by
+    path is code no import analysis sees) and the versions of llmcompressor, compressed-tensors,
+    transformers and torch there. Reads package metadata only (no import of llmcompressor);
+    a one-line ``UserError`` when llmcompressor is not installed there."""
+    import hashlib
+
+    done = subprocess.run([str(python), "-I", "-c", _VERSIONS_CODE], capture_output=True, text=True)
+    if done.returncode != 0:
+        last = ((done.stderr or "").strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+        if "PackageNotFoundError" in last:
+            missing = next((n for n in VERSIONS if n in last), "llmcompressor")
+            raise UserError(f"python: {python} has no {missing}; run {INSTALL_SCRIPT}")
+        raise UserError(f"python: {python} cannot report its packages ({last})")
+    return {"worker": hashlib.sha256(WORKER.read_bytes()).hexdigest()[:24],
+            "versions": json.loads(done.stdout.strip().splitlines()[-1])}
+
+
 def run_worker(python: Path, args: dict) -> dict:
     """Run :mod:`slimmoe.quantize.worker` (by path: it imports no slimmoe) in llm-compressor's
     environment; its last stdout line is its JSON report. A failure is one ``UserError`` line

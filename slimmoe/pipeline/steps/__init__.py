@@ -9,10 +9,13 @@ One module per step, so what a step's code reaches (its cache key) is what it im
 from slimmoe.pipeline.steps.data import load_prepared, prepare_data
 from slimmoe.pipeline.steps.distill import INPUTS_FILE, distill_stage
 from slimmoe.pipeline.steps.evaluate import evaluate_stage
+from slimmoe.pipeline.steps.quantize import quantize_engine, quantize_stage
 from slimmoe.pipeline.steps.refs import (
     DistilledModel,
     ImportanceRef,
     ModelRef,
+    QuantizedModel,
+    QuantizeEngine,
     SlimmedModel,
     StepRecord,
     TokenBlocks,
@@ -21,5 +24,6 @@ from slimmoe.pipeline.steps.refs import (
 from slimmoe.pipeline.steps.score import score
 from slimmoe.pipeline.steps.slim import slim
 
-__all__ = ["INPUTS_FILE", "DistilledModel", "ImportanceRef", "ModelRef", "SlimmedModel", "StepRecord", "TokenBlocks",
-           "distill_stage", "evaluate_stage", "folder_fingerprint", "load_prepared", "prepare_data", "score", "slim"]
+__all__ = ["INPUTS_FILE", "DistilledModel", "ImportanceRef", "ModelRef", "QuantizeEngine", "QuantizedModel",
+           "SlimmedModel", "StepRecord", "TokenBlocks", "distill_stage", "evaluate_stage", "folder_fingerprint",
+           "load_prepared", "prepare_data", "quantize_engine", "quantize_stage", "score", "slim"]

@@ -12,6 +12,7 @@ from slimmoe.faults import crash_point
 from slimmoe.io.loading import load_model
 from slimmoe.pipeline.schema import EvalConfig
 from slimmoe.pipeline.steps.data import load_prepared
+from slimmoe.quantize.checkpoint import load_evaluable
 from slimmoe.resources import oom_hint
 
 
@@ -30,7 +31,7 @@ def evaluate_stage(model_dir: str, blocks_path: str, max_blocks: int = 64, batch
 
     cfg = EvalConfig(max_blocks=max_blocks, batch_size=batch_size, **options)
     placement = {"device_map": "auto"} if torch.cuda.is_available() else {}
-    model = load_model(model_dir, **placement)
+    model = load_evaluable(model_dir, **placement)  # a quantized stage's int8 experts: a dequantized copy
     train, held = load_prepared(blocks_path)
     split = "eval" if held.numel() else "train"
     blocks = (held if held.numel() else train)[: cfg.max_blocks]

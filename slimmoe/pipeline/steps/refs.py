@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict
 
 from slimmoe.io.fingerprint import file_fingerprint, folder_fingerprint
 
-__all__ = ["DistilledModel", "ImportanceRef", "ModelRef", "SlimmedModel", "StepRecord", "TokenBlocks", "file_fingerprint",
-           "folder_fingerprint"]
+__all__ = ["DistilledModel", "ImportanceRef", "ModelRef", "QuantizeEngine", "QuantizedModel", "SlimmedModel",
+           "StepRecord", "TokenBlocks", "file_fingerprint", "folder_fingerprint"]
 
 
 class StepRecord(BaseModel):
@@ -78,3 +78,26 @@ class DistilledModel(ModelRef):
     """A distilled checkpoint and what its run did (``slimmoe.distill.DistillResult`` fields)."""
 
     distill: dict[str, Any]
+
+
+class QuantizedModel(ModelRef):
+    """A compressed-tensors checkpoint of a stage's model (``slimmoe.quantize``): its scheme and
+    what was quantized (``describe_checkpoint`` fields, llm-compressor's versions)."""
+
+    scheme: str
+    report: dict[str, Any]
+
+
+class QuantizeEngine(BaseModel):
+    """llm-compressor's environment as a quantize step uses it: where its Python is (not part of
+    any key: it depends on the machine), and what decides the result (the worker's hash, the
+    versions there: :func:`slimmoe.quantize.runner.engine_identity`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    python: str
+    worker: str
+    versions: dict[str, str]
+
+    def cache_identity(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"python"})
