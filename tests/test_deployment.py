@@ -260,7 +260,7 @@ def test_compress_deployment_runs_on_a_worker(prefect_stack, tmp_path):
 
     uri = summary["mlflow"]["tracking_uri"]
     assert uri == f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
-    client = MlflowClient(uri)
+    client = MlflowClient(uri, registry_uri=uri)
     exp = client.get_experiment_by_name("deploy-test")
     runs = {r.info.run_id: r for r in client.search_runs([exp.experiment_id])}
     parent = runs[summary["mlflow"]["parent_run_id"]]

@@ -181,7 +181,7 @@ def test_the_mlflow_ui_shows_the_runs_and_versions(pipeline, monkeypatch):
     assert "OK: the MLflow UI shows the runs and the model versions" in r.stdout
 
 
-def test_every_registered_version_is_an_mlflow_model_that_generates_like_its_folder(pipeline):
+def test_every_registered_version_is_an_mlflow_model_that_generates_like_its_folder(pipeline, monkeypatch):
     import mlflow
     import mlflow.pyfunc
     import mlflow.transformers
@@ -192,28 +192,28 @@ def test_every_registered_version_is_an_mlflow_model_that_generates_like_its_fol
     root, _, _ = pipeline
     summary = json.loads((root / "out" / "summary.json").read_text())
     uri = summary["mlflow"]["tracking_uri"]
-    client = MlflowClient(uri)
+    client = MlflowClient(uri, registry_uri=uri)
     rows = {r["stage"]: r for r in summary["stages"]}
     prompt = "To be, or not"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        for v in client.search_model_versions("name='tiny-pipe'"):
-            folder = rows[v.tags["stage"]]["model"]
-            model = AutoModelForCausalLM.from_pretrained(folder)
-            tok = AutoTokenizer.from_pretrained(folder)
-            ids = tok(prompt, return_tensors="pt").input_ids
-            with torch.no_grad():
-                out = model.generate(ids, max_new_tokens=8, do_sample=False)
-            expected = prompt + tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-            loaded = mlflow.pyfunc.load_model(f"models:/tiny-pipe/{v.version}")
-            got = loaded.predict([prompt], params={"max_new_tokens": 8, "do_sample": False})
-            assert got == [expected], (v.version, got, expected)
-            components = mlflow.transformers.load_model(f"models:/tiny-pipe/{v.version}", return_type="components")
-            assert components["model"].config.intermediate_size == model.config.intermediate_size
-    finally:
-        mlflow.set_tracking_uri(None)
-        mlflow.set_registry_uri(None)
+    # through the environment, which monkeypatch restores: mlflow.set_registry_uri(uri) also
+    # writes MLFLOW_REGISTRY_URI into os.environ and set_registry_uri(None) leaves it there
+    # (MLflow 3.17, measured), so every later MlflowClient(other_uri) read this run's registry
+    # and a later test's versions went missing
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
+    for v in client.search_model_versions("name='tiny-pipe'"):
+        folder = rows[v.tags["stage"]]["model"]
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        tok = AutoTokenizer.from_pretrained(folder)
+        ids = tok(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=8, do_sample=False)
+        expected = prompt + tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        loaded = mlflow.pyfunc.load_model(f"models:/tiny-pipe/{v.version}")
+        got = loaded.predict([prompt], params={"max_new_tokens": 8, "do_sample": False})
+        assert got == [expected], (v.version, got, expected)
+        components = mlflow.transformers.load_model(f"models:/tiny-pipe/{v.version}", return_type="components")
+        assert components["model"].config.intermediate_size == model.config.intermediate_size
 
 
 def test_second_run_is_fully_cached(pipeline, monkeypatch):

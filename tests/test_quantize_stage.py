@@ -170,7 +170,7 @@ def test_a_quantized_last_stage_is_evaluated_registered_and_cached(tmp_path, pre
     assert 0 < q["bytes"] < q["source_bytes"]
     assert abs(q["perplexity"] / row["perplexity"] - 1) < 0.05, (q["perplexity"], row["perplexity"])
 
-    client = MlflowClient(summary["mlflow"]["tracking_uri"])
+    client = MlflowClient(summary["mlflow"]["tracking_uri"], registry_uri=summary["mlflow"]["tracking_uri"])
     run = client.get_run(q["mlflow_run_id"])
     assert run.info.run_name == f"final-{scheme}" and q["mlflow_run_id"] != row["mlflow_run_id"]
     assert run.data.tags["mlflow.parentRunId"] == summary["mlflow"]["parent_run_id"]
