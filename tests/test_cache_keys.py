@@ -130,6 +130,7 @@ def edit(path: Path, old: str, new: str) -> None:
     path.write_text(text.replace(old, new))
 
 
+@pytest.mark.slow  # ~100 s on 2 cores (copies the project, runs the pipeline three times): `make test-slow`
 @pytest.mark.timeout(900)
 def test_a_change_to_reached_code_recomputes_the_step_and_unrelated_code_recomputes_nothing(tmp_path):
     from prefect.settings import PREFECT_API_URL

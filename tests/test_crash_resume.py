@@ -143,6 +143,7 @@ def clean(world, forkserver):
     return world[0] / "clean", time.monotonic() - t0
 
 
+@pytest.mark.slow  # ~75 s on 2 cores; make test keeps the kill at a random time: `make test-slow`
 def test_kill_at_every_point_then_resume_equals_uninterrupted(world, clean, forkserver):
     out, config = world[0] / "crashy", write_config(world, "crashy")
     s1 = out / "s1"

@@ -189,6 +189,7 @@ def peak_rss_kib(*runs: tuple) -> list[int]:
     return peaks
 
 
+@pytest.mark.slow  # a memory measurement (~20 s): `make test-slow`; bench/data.py measures it side by side
 def test_peak_memory_does_not_grow_with_the_corpus(tmp_path, tok_dir):
     # reading 1,000 random blocks: 8M vs 16M tokens (an int64 copy would be 64 vs 128 MiB);
     # tokenising: a corpus and one twice as large
