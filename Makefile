@@ -21,7 +21,7 @@ demo: $(STAMP)
 test: $(STAMP)  # everything but the opt-in `slow` checks (under 15 min on 2 cores)
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
-test-slow: $(STAMP)  # the opt-in `slow` checks: two-node work-pool run, MLflow UI in Chromium, every crash point, ... (~10 min)
+test-slow: $(STAMP)  # the opt-in `slow` checks: two-node work-pool run, MLflow UI in Chromium, every crash point, ... (~12 min)
 	$(BIN)/python -m pytest -q -m slow tests
 
 test-engines: $(STAMP)  # llama.cpp runs an exported GGUF as transformers runs the model (compiles llama.cpp: minutes)
