@@ -182,14 +182,20 @@ def save_tokenizer(tokenizer, out: str | Path) -> None:
     from that transformers 5 does not write back. A SentencePiece ``tokenizer.model`` (Phi-3.5-MoE
     and Mixtral ship one) is read into the fast tokenizer on load and never saved again, while
     llama.cpp's converter reads the ``.model`` file (``Phi3MiniModel.set_vocab``)."""
-    import shutil
-
     out = Path(out)
     tokenizer.save_pretrained(str(out))
     src = Path(getattr(tokenizer, "name_or_path", "") or "")
-    if not src.is_dir() or src.resolve() == out.resolve():
-        return
-    for name in TOKENIZER_FILES:
+    if src.is_dir() and src.resolve() != out.resolve():
+        copy_missing_files(src, out, TOKENIZER_FILES)
+
+
+def copy_missing_files(src: str | Path, out: str | Path, names) -> None:
+    """Each of ``names`` that ``src`` has and ``out`` lacks, copied into ``out`` under a
+    temporary name and renamed, so a reader never sees half a file."""
+    import shutil
+
+    src, out = Path(src), Path(out)
+    for name in names:
         if (src / name).is_file() and not (out / name).exists():
             shutil.copy2(src / name, out / f".{name}.tmp")
             os.replace(out / f".{name}.tmp", out / name)

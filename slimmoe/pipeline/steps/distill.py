@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Callable
 from slimmoe.config import DistillConfig
 from slimmoe.distill import distill
 from slimmoe.io.atomic import atomic_write_text, is_complete, mark_complete
-from slimmoe.io.loading import TOKENIZER_FILES
+from slimmoe.io.loading import TOKENIZER_FILES, copy_missing_files
 from slimmoe.parallel.topology import barrier, topology
 from slimmoe.pipeline.steps.data import load_prepared
 from slimmoe.pipeline.steps.refs import DistilledModel, ModelRef, folder_fingerprint
@@ -40,11 +39,7 @@ def distill_stage(student_dir: str, teacher_dir: str, blocks_path: str, cfg: Dis
     result = distill(student_dir, teacher_dir, out_dir, train, held if held.numel() else None, cfg,
                      metrics_callback=metrics_callback)
     if topo.is_main:
-        for name in TOKENIZER_FILES + (PLAN_FILE,):
-            src = Path(student_dir) / name
-            if src.exists() and not (out / name).exists():
-                shutil.copy2(src, out / f".{name}.tmp")
-                os.replace(out / f".{name}.tmp", out / name)
+        copy_missing_files(student_dir, out, TOKENIZER_FILES + (PLAN_FILE,))
         if not is_complete(out):
             mark_complete(out)  # last: the folder is now a result (flows check this, not mere existence)
     barrier()
