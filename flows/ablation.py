@@ -135,7 +135,10 @@ def _grid(cfg: AblationConfig) -> dict:
     teacher, blocks, parent, teacher_metrics, scores = _shared_steps(cfg, out, arms, teacher_cfg, tracking)
     teacher_row = {k: teacher_metrics[k] for k in ("perplexity", "total_params", "active_params")}
     meta = {"name": cfg.name, "teacher": cfg.teacher, "data": cfg.data.train, "seeds": cfg.seeds,
-            "distillation loss": cfg.distill.loss, "teacher_tokens": teacher_tokens(cfg, cfg.grid)}
+            "distillation loss": cfg.distill.loss, "teacher_tokens": teacher_tokens(cfg, cfg.grid),
+            "teacher_expert_width": int(teacher_cfg.intermediate_size),
+            "cuts": {c.cut.label: {"ratio": c.cut.ratio, "halve_kv": c.cut.halve_kv} for c in cells},
+            "arms": {a: spec.model_dump(exclude_none=True) for a, spec in cfg.grid.arms.items()}}
     runs = []
     for cell in cells:
         mine = []

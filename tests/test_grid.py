@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GRID = ROOT / "deployments" / "configs" / "ablation-gutenberg-grid.yaml"
 TEACHER_TOKENS = 20_000_000
 # the Gutenberg teacher's shape (deployments/configs/teacher-gutenberg.yaml); expansion reads only the config
-GUTENBERG = PhimoeConfig(vocab_size=2048, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+GUTENBERG = PhimoeConfig(vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
                          tie_word_embeddings=True, attention_bias=True)
 
@@ -49,8 +49,8 @@ def test_shipped_grid_expands_to_the_cells_of_issue_14():
     assert list(four.arms) == ["one-shot-slim", "two-stage-even", "two-stage-25-75", "three-stage", "one-shot-drop",
                                "slim-drop", "scratch"]
     assert list(eight.arms) == ["one-shot-slim", "two-stage-even"]
-    # final shapes: width 512 / ratio; KV 2 -> 1 at 16x only, in the last stage only
-    for cell, width, kv in ((four, 128, None), (sixteen, 32, 1), (eight, 64, None)):
+    # final shapes: width 256 / ratio; KV 2 -> 1 at 16x only, in the last stage only
+    for cell, width, kv in ((four, 64, None), (sixteen, 16, 1), (eight, 32, None)):
         for arm in ("one-shot-slim", "two-stage-even", "two-stage-25-75", "three-stage"):
             if arm not in cell.arms:
                 continue
@@ -58,18 +58,18 @@ def test_shipped_grid_expands_to_the_cells_of_issue_14():
             assert (stages[-1].expert_intermediate_size, stages[-1].num_key_value_heads) == (width, kv)
             assert all(s.num_key_value_heads is None for s in stages[:-1])
             assert sum(s.distill.tokens for s in stages) == cell.tokens
-    # stage widths and tokens, by hand: 512 -> 128 -> 32 (geometric), 512 -> 200 -> 80 -> 32 (x 16^(-1/3), to 8)
+    # stage widths and tokens, by hand: 256 -> 64 -> 16 (geometric), 256 -> 104 -> 40 -> 16 (x 16^(-1/3), to 8)
     two = sixteen.arms["two-stage-25-75"]
-    assert [(s.expert_intermediate_size, s.distill.tokens) for s in two] == [(128, 125_000), (32, 375_000)]
+    assert [(s.expert_intermediate_size, s.distill.tokens) for s in two] == [(64, 125_000), (16, 375_000)]
     three = sixteen.arms["three-stage"]
-    assert [s.expert_intermediate_size for s in three] == [200, 80, 32]
+    assert [s.expert_intermediate_size for s in three] == [104, 40, 16]
     assert [s.distill.tokens for s in three] == [166_650, 166_650, 166_700]
     # the scratch arm: the one-shot shape, LM loss, every token; drop arms: whole experts at the one-shot total
     scratch = four.arms["scratch"]
     assert len(scratch) == 1 and scratch[0].distill.loss == "lm" and scratch[0].distill.tokens == 500_000
     assert four.shape.name == four.arms["one-shot-slim"][0].name
     drop = four.arms["one-shot-drop"][0]
-    assert drop.num_experts == 2 and drop.expert_intermediate_size in (None, 512)
+    assert drop.num_experts == 2 and drop.expert_intermediate_size in (None, 256)
 
 
 def test_cells_beginning_with_the_same_stage_name_it_the_same():
@@ -77,11 +77,11 @@ def test_cells_beginning_with_the_same_stage_name_it_the_same():
     one_shot_4x = cells[0.025, "4x"].arms["one-shot-slim"][0]
     back_loaded_16x = cells[0.10, "16x-kv-half"].arms["two-stage-25-75"]
     # 25% of 10% is 2.5%: the first stage of 10%'s back-loaded 16x arm is 2.5%'s one-shot 4x model
-    assert back_loaded_16x[0].name == one_shot_4x.name == "slim-w128-t500000"
-    assert back_loaded_16x[1].name == f"slim-w128-t500000{CHAIN_SEP}slim-w32-kv1-t1500000"
+    assert back_loaded_16x[0].name == one_shot_4x.name == "slim-w64-t500000"
+    assert back_loaded_16x[1].name == f"slim-w64-t500000{CHAIN_SEP}slim-w16-kv1-t1500000"
     assert back_loaded_16x[0].distill == one_shot_4x.distill
     # the even split at 10% begins with a different stage (more tokens): not shared
-    assert cells[0.10, "16x-kv-half"].arms["two-stage-even"][0].name == "slim-w128-t1000000"
+    assert cells[0.10, "16x-kv-half"].arms["two-stage-even"][0].name == "slim-w64-t1000000"
 
 
 def _first_stage_keys(cfg, stage, arm: str, seed: int) -> dict[str, str]:
@@ -246,8 +246,14 @@ def test_a_tiny_grid_serves_a_shared_first_stage_from_the_cache(tmp_path):
     doc = json.loads((tmp_path / "out" / "report.json").read_text())
     assert sorted((c["budget"], c["cut"], c["arm"]) for c in doc["cells"]) == [
         (0.25, "2x", "one-shot"), (0.25, "4x", "back-loaded"), (1.0, "2x", "one-shot"), (1.0, "4x", "back-loaded")]
+    # what schedule_rule reads from a committed report: each cut's ratio and each arm's budget split
+    assert doc["meta"]["cuts"] == {"2x": {"ratio": 2, "halve_kv": False}, "4x": {"ratio": 4, "halve_kv": False}}
+    assert doc["meta"]["arms"] == {"one-shot": {"kind": "slim", "split": [1.0]},
+                                   "back-loaded": {"kind": "slim", "split": [0.25, 0.75]}}
     md = (tmp_path / "out" / "report.md").read_text()
     assert md.count("## Budget ") == 2 and "| arm | 2x | 4x |" in md
+    # (yaml.safe_dump sorted the arms by name)
+    assert "* arms: back-loaded (slim, budget split 25/75), one-shot (slim, budget split 100)" in md
     assert (tmp_path / "out" / "cells" / "b25pct-2x" / "report.md").is_file()
 
 
@@ -269,7 +275,7 @@ def test_stages_that_would_not_shrink_are_refused():
     with pytest.raises(UserError, match=r"^grid\.cuts\.0: arm two-stage-even: 2 stages from expert width 16 to 8"):
         expand_grid(cfg, small)
     four = next(c for c in expand_grid(shipped(), GUTENBERG) if c.cut.label == "4x")
-    assert [s.expert_intermediate_size for s in four.arms["three-stage"]] == [320, 200, 128]
+    assert [s.expert_intermediate_size for s in four.arms["three-stage"]] == [160, 104, 64]
 
 
 def test_arms_within_twice_their_spread_are_listed_for_a_third_seed(tmp_path):

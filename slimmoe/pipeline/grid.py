@@ -37,6 +37,7 @@ from slimmoe.config import DistillConfig, SlimTargets, StrictModel
 from slimmoe.errors import UserError
 from slimmoe.pipeline.schema import StageConfig
 from slimmoe.prune.schedule import estimate_total_params
+from slimmoe.prune.schedule_rule import split_tokens
 from slimmoe.prune.strategies import resolve_sizes
 
 ArmKind = Literal["slim", "drop", "slim-drop", "scratch"]
@@ -203,9 +204,7 @@ def stage_name(kind: str, t: SlimTargets, tokens: int) -> str:
 
 def _chain(cfg, spec: GridArm, targets: list[SlimTargets], tokens: int) -> list:
     """The arm's StageConfigs; each one's name is the chain of stage names up to it."""
-    shares = spec.split or [1.0]
-    counts = [int(round(s * tokens)) for s in shares[:-1]]
-    counts.append(tokens - sum(counts))
+    counts = split_tokens(tokens, spec.split or [1.0])
     stages, chain = [], []
     for t, n in zip(targets, counts):
         distill = cfg.distill.model_dump()

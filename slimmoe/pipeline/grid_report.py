@@ -60,7 +60,10 @@ def grid_markdown(cells: list[dict], teacher: dict, meta: dict | None = None, pl
     """A table per budget: rows arms, columns cuts, each entry ppl / teacher as mean ± std."""
     meta = meta or {}
     lines = [f"# Ablation grid: {meta.get('name', '')}".rstrip(), ""]
-    lines += [f"* {k}: {v}" for k, v in meta.items() if k not in ("name", "teacher_tokens")]
+    lines += [f"* {k}: {v}" for k, v in meta.items() if k not in ("name", "teacher_tokens", "cuts", "arms")]
+    if meta.get("arms"):
+        lines.append("* arms: " + ", ".join(f"{a} ({s['kind']}" + (f", budget split {_split(s['split'])})" if s.get("split")
+                                            else ")") for a, s in meta["arms"].items()))
     lines += [f"* teacher: perplexity {teacher['perplexity']:.3f}, total / active parameters "
               f"{teacher['total_params']:,} / {teacher['active_params']:,}", ""]
     for budget in dict.fromkeys(c["budget"] for c in cells):
@@ -85,6 +88,10 @@ def grid_markdown(cells: list[dict], teacher: dict, meta: dict | None = None, pl
     lines += ["", f"![perplexity vs active parameters]({plot})", ""] if plot else \
         ["", "(no plot: matplotlib is not installed in this environment)", ""]
     return "\n".join(lines)
+
+
+def _split(shares: list[float]) -> str:
+    return "/".join(f"{100 * x:.0f}" for x in shares)
 
 
 def grid_figure(cells: list[dict], teacher: dict):

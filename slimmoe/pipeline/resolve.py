@@ -25,6 +25,7 @@ from slimmoe.pipeline.preflight import (
     cut,
 )
 from slimmoe.pipeline.schema import PipelineConfig, StageConfig
+from slimmoe.prune import schedule_rule
 from slimmoe.prune.plan import resolve_targets, source_sizes
 from slimmoe.prune.schedule import format_schedule, interpolate_stages
 from slimmoe.prune.strategies import resolve_sizes
@@ -34,8 +35,14 @@ Config = TypeVar("Config")  # a PipelineConfig or an AblationConfig
 
 def expand_schedule(cfg: PipelineConfig, teacher_config) -> PipelineConfig:
     """Turn ``schedule`` into explicit stages (``stage1`` ... ``final``); a copy of ``cfg``."""
+    return plan_schedule(cfg, teacher_config)[0]
+
+
+def plan_schedule(cfg: PipelineConfig, teacher_config) -> tuple[PipelineConfig, str | None]:
+    """:func:`expand_schedule`, and the sentence saying where its stage count and split come
+    from (None without a schedule). Each stage distils its share of ``distill.tokens``."""
     if cfg.schedule is None:
-        return cfg
+        return cfg, None
     sch = cfg.schedule
     final = sch.final
     if sch.total_params is not None or sch.active_params is not None:
@@ -43,19 +50,32 @@ def expand_schedule(cfg: PipelineConfig, teacher_config) -> PipelineConfig:
             final = resolve_sizes(teacher_config, sch.strategy, sch.total_params, sch.active_params, sch.final)
         except UserError as e:
             raise UserError(f"schedule.{e}") from None
-    targets = interpolate_stages(teacher_config, final, sch.num_stages)
+    if sch.num_stages is None:
+        choice = schedule_rule.choose(schedule_rule.expert_ratio(teacher_config, final), sch.budget_fraction)
+        num_stages, split = choice.num_stages, sch.split or choice.split
+        reason = f"stages and budget split from the measured grid: {choice.reason}"
+        if sch.split is not None and len(sch.split) != num_stages:
+            raise UserError(f"schedule.split: {len(sch.split)} shares, but the measured rule chose {num_stages} "
+                            f"stages ({choice.reason}); give num_stages too")
+    else:
+        num_stages, split = sch.num_stages, sch.split or [1 / sch.num_stages] * sch.num_stages
+        reason = f"{num_stages} stages (schedule.num_stages)"
+    targets = interpolate_stages(teacher_config, final, num_stages)
+    tokens = schedule_rule.split_tokens(sch.distill.tokens, split) if sch.distill else [None] * num_stages
     stages = [
         StageConfig(
             name="final" if i == len(targets) - 1 else f"stage{i + 1}",
             **t.model_dump(),
             strategy=sch.strategy,
             importance=sch.importance,
-            distill=sch.distill,
+            distill=sch.distill.model_copy(update={"tokens": n}) if sch.distill else None,
             eval=sch.eval,
         )
-        for i, t in enumerate(targets)
+        for i, (t, n) in enumerate(zip(targets, tokens))
     ]
-    return cfg.model_copy(update={"stages": stages, "schedule": None})
+    if sch.distill:
+        reason += "; tokens per stage " + " / ".join(f"{n:,}" for n in tokens)
+    return cfg.model_copy(update={"stages": stages, "schedule": None}), reason
 
 
 def resolve_stages(cfg: PipelineConfig, teacher_config) -> PipelineConfig:
@@ -121,9 +141,9 @@ def resolve_pipeline(config: PipelineConfig, echo: Callable[[str], None] = print
     config = anchor_paths(config)
     teacher_cfg = load_config(config.teacher, "teacher")
     get_adapter(teacher_cfg)
-    cfg = expand_schedule(config, teacher_cfg)
+    cfg, reason = plan_schedule(config, teacher_cfg)
     if config.schedule is not None:
-        echo("automatic schedule:\n" + format_schedule([s.targets() for s in cfg.stages], teacher_cfg))
+        echo(f"automatic schedule ({reason}):\n" + format_schedule([s.targets() for s in cfg.stages], teacher_cfg))
     if any(s.has_param_target() for s in cfg.stages):
         cfg = resolve_stages(cfg, teacher_cfg)
         echo("sizes chosen for the parameter targets:\n" + format_stages(cfg, teacher_cfg))

@@ -213,9 +213,16 @@ class ScheduleConfig(StageSettings):
 
     ``final`` may instead be a parameter target (``total_params`` / ``active_params``, with
     ``strategy``, as in a stage); it is solved into sizes from the teacher first.
+    ``distill.tokens`` is the whole budget, shared out over the stages by ``split``. Without
+    ``num_stages`` the stage count and split are the measured grid's choice for this cut
+    (:mod:`slimmoe.prune.schedule_rule`); with it and no ``split``, the budget is split evenly.
     """
 
-    num_stages: int = Field(2, ge=1)
+    num_stages: int | None = Field(None, ge=1, description="default: the measured rule's (schedule_rule)")
+    split: list[float] | None = Field(None, min_length=1, description="share of distill.tokens per stage; "
+                                      "default: the measured rule's, or even when num_stages is given")
+    budget_fraction: float | None = Field(None, gt=0, le=1, description="distill.tokens over the teacher's "
+                                          "training tokens: picks the measured budget nearest (default: the largest)")
     final: SlimTargets = SlimTargets()
     strategy: Strategy = "slim"
     total_params: int | None = Field(None, gt=0)
@@ -232,6 +239,11 @@ class ScheduleConfig(StageSettings):
     def _final_or_target(self) -> "ScheduleConfig":
         if self.final.is_noop() and self.total_params is None and self.active_params is None:
             raise ValueError("give final sizes or a parameter target (total_params or active_params)")
+        if self.split is not None:
+            if any(x <= 0 for x in self.split) or abs(sum(self.split) - 1) > 1e-3:
+                raise ValueError(f"split: shares must be positive and add up to 1, got {self.split}")
+            if self.num_stages is not None and len(self.split) != self.num_stages:
+                raise ValueError(f"split: {len(self.split)} shares for num_stages {self.num_stages}")
         return self
 
 
