@@ -29,6 +29,7 @@ from slimmoe.pipeline import report
 from slimmoe.pipeline.ablation_schema import AblationConfig
 from slimmoe.pipeline.arms import check_ablation_inputs, scoring_targets
 from slimmoe.pipeline.grid import chain_folder, expand_grid, teacher_tokens
+from slimmoe.pipeline.grid_report import close_pairs, grid_cells
 from slimmoe.pipeline.report import read_curve
 from slimmoe.pipeline.resolve import anchor_paths
 from slimmoe.pipeline.schema import StageConfig
@@ -125,7 +126,10 @@ def _grid(cfg: AblationConfig) -> dict:
     """Every cell of the grid (slimmoe.pipeline.grid) in one output folder and one step cache:
     data, the teacher's evaluation and top-k cache and one importance pass serve every cell, and
     a stage several cells begin with is computed once. Writes a report per cell
-    (``cells/<cell>/report.md``) as it goes, and the grid's report at the end."""
+    (``cells/<cell>/report.md``) as it goes, and the grid's report at the end. Then, with
+    ``grid.close_pair_seeds``, the arms of every pair within twice its spread
+    (:func:`~slimmoe.pipeline.grid_report.close_pairs`) run those seeds too, and the reports
+    are written again with them."""
     out = Path(cfg.output_dir)
     arms = check_ablation_inputs(cfg)  # every cell's arms, keyed <cell>/<arm>
     teacher_cfg = load_config(cfg.teacher, "teacher")
@@ -139,19 +143,39 @@ def _grid(cfg: AblationConfig) -> dict:
             "teacher_expert_width": int(teacher_cfg.intermediate_size),
             "cuts": {c.cut.label: {"ratio": c.cut.ratio, "halve_kv": c.cut.halve_kv} for c in cells},
             "arms": {a: spec.model_dump(exclude_none=True) for a, spec in cfg.grid.arms.items()}}
-    runs = []
-    for cell in cells:
-        mine = []
-        for seed in cfg.seeds:
-            for arm, stages in cell.arms.items():
-                shape = cell.shape if cfg.grid.arms[arm].kind == "scratch" else None
-                res = ablation_arm.with_options(flow_run_name=f"{cell.label}.{arm}-seed{seed}")(
-                    cfg.name, out, arm, seed, stages, shape, teacher, blocks, scores, teacher_metrics["perplexity"],
-                    tracking, parent, chained=True)
-                mine.append({**res, "budget": cell.budget, "cut": cell.cut.label, "cell": cell.label})
-        report.write_report(out / "cells" / cell.label, mine, teacher_row,
-                            {**meta, "cell": cell.label, "tokens per arm": f"{cell.tokens:,}"})
-        runs += mine
+
+    def run_cells(seeds: list[int], only: set | None = None) -> list[dict]:
+        """``seeds`` of every arm (of those in ``only``: (budget, cut label, arm)), cell by cell."""
+        runs = []
+        for cell in cells:
+            for seed in seeds:
+                for arm, stages in cell.arms.items():
+                    if only is not None and (cell.budget, cell.cut.label, arm) not in only:
+                        continue
+                    shape = cell.shape if cfg.grid.arms[arm].kind == "scratch" else None
+                    res = ablation_arm.with_options(flow_run_name=f"{cell.label}.{arm}-seed{seed}")(
+                        cfg.name, out, arm, seed, stages, shape, teacher, blocks, scores,
+                        teacher_metrics["perplexity"], tracking, parent, chained=True)
+                    runs.append({**res, "budget": cell.budget, "cut": cell.cut.label, "cell": cell.label})
+        return runs
+
+    def cell_reports(runs: list[dict]) -> None:
+        common = {k: v for k, v in meta.items() if k not in ("cuts", "arms", "teacher_expert_width")}
+        for cell in cells:
+            mine = [r for r in runs if r["cell"] == cell.label]
+            report.write_report(out / "cells" / cell.label, mine, teacher_row,
+                                {**common, "cell": cell.label, "tokens per arm": f"{cell.tokens:,}"})
+
+    runs = run_cells(cfg.seeds)
+    cell_reports(runs)
+    extra = [s for s in cfg.grid.close_pair_seeds if s not in cfg.seeds]
+    if extra:
+        close = close_pairs(grid_cells(runs, teacher_row))
+        only = {(c["budget"], c["cut"], arm) for c in close for arm in c["arms"]}
+        print(f"grid: {len(close)} pairs within twice their spread; seeds {extra} for their {len(only)} arms")
+        runs += run_cells(extra, only)
+        cell_reports(runs)
+        meta["close_pair_seeds"] = extra
     return rt.publish_grid_report(out, runs, teacher_row, meta, tracking, parent)
 
 

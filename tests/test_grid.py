@@ -206,11 +206,22 @@ def test_grid_report_says_when_there_is_no_matplotlib(tmp_path, monkeypatch):
 
 
 @pytest.mark.timeout(900)
-def test_a_tiny_grid_serves_a_shared_first_stage_from_the_cache(tmp_path):
+def test_a_tiny_grid_serves_a_shared_first_stage_from_the_cache(tmp_path, monkeypatch):
     """Budgets 25% and 100% of 1,024 teacher tokens; cuts 2x (one-shot) and 4x (two-stage 25/75,
     whose first stage is the 2x model with 25% of 100% = 256 tokens): the 100% cell's first stage
-    is the 25% cell's one-shot 2x stage, found in the task cache."""
+    is the 25% cell's one-shot 2x stage, found in the task cache. Then close_pair_seeds [1] runs
+    seed 1 for the arms close_pairs names (stubbed: one seed has no spread), and only those."""
     import torch
+
+    import flows.ablation
+
+    asked = []
+
+    def close_pairs(cells):
+        asked.append(sorted((c["budget"], c["cut"], c["arm"], tuple(c["seeds"])) for c in cells))
+        return [{"budget": 1.0, "cut": "4x", "arms": ["back-loaded"], "difference": 0.0, "spread": 0.0}]
+
+    monkeypatch.setattr(flows.ablation, "close_pairs", close_pairs)
     from helpers_prefect import newest_flow_runs, settled_task_runs
     from prefect.testing.utilities import prefect_test_harness
     from tiny_models import tiny_teacher_with_tokenizer
@@ -220,6 +231,7 @@ def test_a_tiny_grid_serves_a_shared_first_stage_from_the_cache(tmp_path):
               "data": {"train": str(corpus), "eval_fraction": 0.1, "seq_len": 32}, "seeds": [0],
               "grid": {"budgets": [0.25, 1.0], "teacher_tokens": 1024,
                        "cuts": [{"ratio": 2, "arms": ["one-shot"]}, {"ratio": 4, "arms": ["back-loaded"]}],
+                       "close_pair_seeds": [1],
                        "arms": {"one-shot": {"kind": "slim"}, "back-loaded": {"kind": "slim", "split": [0.25, 0.75]}}},
               "importance": {"samples": 4}, "distill": {"batch_size": 8, "lr": 1e-3, "progress": False},
               "eval": {"max_blocks": 2, "generation": False, "throughput_batch_sizes": [1], "kl_to_teacher": False},
@@ -238,14 +250,19 @@ def test_a_tiny_grid_serves_a_shared_first_stage_from_the_cache(tmp_path):
     states: dict[str, list[str]] = {}
     for r in sorted(task_runs, key=lambda r: r.start_time or r.expected_start_time):
         states.setdefault(r.name, []).append(r.state.name)
-    # computed by the 25% cell's one-shot arm, then served to the 100% cell's back-loaded arm
-    assert states["distill-slim-w8-t256"] == ["Completed", "Cached"], states
-    assert states["slim-slim-w8-t256"] == ["Completed", "Cached"], states
-    assert states["distill-slim-w8-t256__slim-w4-t768"] == ["Completed"], states
+    # computed by the 25% cell's one-shot arm, then served to the 100% cell's back-loaded arm;
+    # last, seed 1 of the back-loaded arm: a new distillation, the same (seedless) slimming
+    assert states["distill-slim-w8-t256"] == ["Completed", "Cached", "Completed"], states
+    assert states["slim-slim-w8-t256"] == ["Completed", "Cached", "Cached"], states
+    assert states["distill-slim-w8-t256__slim-w4-t768"] == ["Completed", "Completed"], states
+    assert asked == [[(0.25, "2x", "one-shot", (0,)), (0.25, "4x", "back-loaded", (0,)),
+                      (1.0, "2x", "one-shot", (0,)), (1.0, "4x", "back-loaded", (0,))]]
     assert states["importance-teacher"] == ["Completed"]  # one pass for every cell
     doc = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert sorted((c["budget"], c["cut"], c["arm"]) for c in doc["cells"]) == [
-        (0.25, "2x", "one-shot"), (0.25, "4x", "back-loaded"), (1.0, "2x", "one-shot"), (1.0, "4x", "back-loaded")]
+    assert sorted((c["budget"], c["cut"], c["arm"], tuple(c["seeds"])) for c in doc["cells"]) == [
+        (0.25, "2x", "one-shot", (0,)), (0.25, "4x", "back-loaded", (0,)), (1.0, "2x", "one-shot", (0,)),
+        (1.0, "4x", "back-loaded", (0, 1))]
+    assert doc["meta"]["close_pair_seeds"] == [1]
     # what schedule_rule reads from a committed report: each cut's ratio and each arm's budget split
     assert doc["meta"]["cuts"] == {"2x": {"ratio": 2, "halve_kv": False}, "4x": {"ratio": 4, "halve_kv": False}}
     assert doc["meta"]["arms"] == {"one-shot": {"kind": "slim", "split": [1.0]},
@@ -254,6 +271,9 @@ def test_a_tiny_grid_serves_a_shared_first_stage_from_the_cache(tmp_path):
     assert md.count("## Budget ") == 2 and "| arm | 2x | 4x |" in md
     # (yaml.safe_dump sorted the arms by name)
     assert "* arms: back-loaded (slim, budget split 25/75), one-shot (slim, budget split 100)" in md
+    cell_md = (tmp_path / "out" / "cells" / "b100pct-4x" / "report.md").read_text()
+    assert "| back-loaded | 2 |" in cell_md and "cuts:" not in cell_md
+    assert "(n=2)" in md  # the grid table too
     assert (tmp_path / "out" / "cells" / "b25pct-2x" / "report.md").is_file()
 
 

@@ -86,6 +86,8 @@ class GridConfig(StrictModel):
     teacher_tokens: int | None = Field(None, gt=0, description="default: result.tokens of <teacher>/teacher.json")
     cuts: list[GridCut] = Field(..., min_length=1)
     arms: dict[str, GridArm] = Field(default_factory=default_arms, min_length=1, description="name -> arm, in row order")
+    close_pair_seeds: list[int] = Field(default_factory=list, description="seeds run afterwards, only for the arms "
+                                        "of pairs within twice their spread (grid_report.close_pairs)")
 
     @field_validator("budgets")
     @classmethod
