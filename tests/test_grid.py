@@ -311,3 +311,29 @@ def test_arms_within_twice_their_spread_are_listed_for_a_third_seed(tmp_path):
     assert [(p["arms"], round(p["difference"], 4), round(p["spread"], 4)) for p in pairs] == [(["a", "b"], 0.02, 0.0283)]
     write_grid_report(tmp_path, runs, teacher, {"name": "close"})
     assert "* 10%, 4x: a vs b (difference 0.0200, spread 0.0283)" in (tmp_path / "report.md").read_text()
+
+
+def test_findings_compare_stages_slim_drop_and_scratch_by_hand():
+    from slimmoe.pipeline.grid_findings import cell_findings, findings_markdown
+
+    arms = {"one-shot-slim": {"kind": "slim", "split": [1.0]}, "two-stage-even": {"kind": "slim", "split": [0.5, 0.5]},
+            "one-shot-drop": {"kind": "drop"}, "slim-drop": {"kind": "slim-drop"}, "scratch": {"kind": "scratch"}}
+
+    def c(arm, mean, std):
+        return {"budget": 0.1, "cut": "4x", "arm": arm, "seeds": [0, 1], "ratio_mean": mean, "ratio_std": std}
+
+    cells = [c("one-shot-slim", 1.10, 0.01), c("two-stage-even", 1.05, 0.01), c("one-shot-drop", 1.30, 0.02),
+             c("slim-drop", 1.09, 0.01), c("scratch", 2.20, 0.1)]
+    (f,) = cell_findings(cells, arms)
+    assert f["multi_wins"] and f["best_compression"]["arm"] == "two-stage-even"
+    text = "\n".join(findings_markdown([f]))
+    # 1.10 - 1.05 = 0.05 >= 2 x 0.01; 1.30 - 1.10 = 0.20 >= 2 x 0.02; 1.10 - 1.09 = 0.01 < 2 x 0.01; 2.20 / 1.05
+    assert ("* stages: two-stage-even 1.0500 ± 0.0100 vs one-shot-slim 1.1000 ± 0.0100: 0.0500 lower (told apart)"
+            " -> multi-stage wins") in text
+    assert "* slim vs drop: one-shot-slim 1.1000 ± 0.0100 vs one-shot-drop 1.3000 ± 0.0200: 0.2000 lower (told apart)" in text
+    assert ("* slim vs slim+drop: one-shot-slim 1.1000 ± 0.0100 vs slim-drop 1.0900 ± 0.0100: 0.0100 higher "
+            "(within 2x the spread)") in text
+    assert "scratch 2.2000 ± 0.1000: scratch 2.10x the perplexity" in text
+    cells[1] = c("two-stage-even", 1.09, 0.01)  # 0.01 < 2 x 0.01: not told apart -> one stage
+    assert not cell_findings(cells, arms)[0]["multi_wins"]
+    assert "-> one stage" in "\n".join(findings_markdown(cell_findings(cells, arms)))

@@ -35,9 +35,9 @@ from pydantic import Field, field_validator, model_validator
 
 from slimmoe.config import DistillConfig, SlimTargets, StrictModel
 from slimmoe.errors import UserError
+from slimmoe.pipeline.schedule_rule import split_tokens
 from slimmoe.pipeline.schema import StageConfig
 from slimmoe.prune.schedule import estimate_total_params
-from slimmoe.prune.schedule_rule import split_tokens
 from slimmoe.prune.strategies import resolve_sizes
 
 ArmKind = Literal["slim", "drop", "slim-drop", "scratch"]

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from slimmoe.io.atomic import atomic_write_text
+from slimmoe.pipeline.grid_findings import cell_findings, findings_markdown, told_apart
 from slimmoe.pipeline.report import REPORT_JSON, REPORT_MD, mean_std
 
 GRID_PNG = "grid_perplexity_vs_active.png"
@@ -36,18 +37,19 @@ def grid_cells(runs: list[dict], teacher: dict) -> list[dict]:
 
 
 def close_pairs(cells: list[dict]) -> list[dict]:
-    """Pairs of arms at the same budget and cut whose ppl / teacher means lie within twice the
-    larger of their spreads (issue 14: such pairs get a third seed). Arms of one seed have no
-    spread and are left out."""
+    """Pairs of arms at the same budget and cut that are not told apart
+    (:func:`~slimmoe.pipeline.grid_findings.told_apart`: means within twice the larger of their
+    spreads; issue 14: such pairs get a third seed). Arms of one seed have no spread and are
+    left out."""
     out = []
     for i, a in enumerate(cells):
         for b in cells[i + 1:]:
             if (a["budget"], a["cut"]) != (b["budget"], b["cut"]) or min(len(a["seeds"]), len(b["seeds"])) < 2:
                 continue
-            spread = max(a["ratio_std"], b["ratio_std"])
-            if abs(a["ratio_mean"] - b["ratio_mean"]) < 2 * spread:
+            if not told_apart(a, b):
                 out.append({"budget": a["budget"], "cut": a["cut"], "arms": [a["arm"], b["arm"]],
-                            "difference": abs(a["ratio_mean"] - b["ratio_mean"]), "spread": spread})
+                            "difference": abs(a["ratio_mean"] - b["ratio_mean"]),
+                            "spread": max(a["ratio_std"], b["ratio_std"])})
     return out
 
 
@@ -85,6 +87,8 @@ def grid_markdown(cells: list[dict], teacher: dict, meta: dict | None = None, pl
         lines += ["", "Within twice their spread of each other (add a seed to tell them apart):", ""]
         lines += [f"* {c['budget'] * 100:g}%, {c['cut']}: {c['arms'][0]} vs {c['arms'][1]} "
                   f"(difference {c['difference']:.4f}, spread {c['spread']:.4f})" for c in close]
+    if meta.get("arms"):
+        lines += [""] + findings_markdown(cell_findings(cells, meta["arms"]))
     lines += ["", f"![perplexity vs active parameters]({plot})", ""] if plot else \
         ["", "(no plot: matplotlib is not installed in this environment)", ""]
     return "\n".join(lines)

@@ -15,6 +15,7 @@ from typing import Callable, TypeVar
 from slimmoe.arch import get_adapter
 from slimmoe.errors import UserError
 from slimmoe.io.loading import load_config
+from slimmoe.pipeline import schedule_rule
 from slimmoe.pipeline.preflight import (
     check_data_paths,
     check_exports,
@@ -25,7 +26,6 @@ from slimmoe.pipeline.preflight import (
     cut,
 )
 from slimmoe.pipeline.schema import PipelineConfig, StageConfig
-from slimmoe.prune import schedule_rule
 from slimmoe.prune.plan import resolve_targets, source_sizes
 from slimmoe.prune.schedule import format_schedule, interpolate_stages
 from slimmoe.prune.strategies import resolve_sizes
@@ -70,6 +70,7 @@ def plan_schedule(cfg: PipelineConfig, teacher_config) -> tuple[PipelineConfig, 
             importance=sch.importance,
             distill=sch.distill.model_copy(update={"tokens": n}) if sch.distill else None,
             eval=sch.eval,
+            **({"export": sch.export, "quantize": sch.quantize} if i == len(targets) - 1 else {}),
         )
         for i, (t, n) in enumerate(zip(targets, tokens))
     ]

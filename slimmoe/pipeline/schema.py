@@ -213,9 +213,10 @@ class ScheduleConfig(StageSettings):
 
     ``final`` may instead be a parameter target (``total_params`` / ``active_params``, with
     ``strategy``, as in a stage); it is solved into sizes from the teacher first.
-    ``distill.tokens`` is the whole budget, shared out over the stages by ``split``. Without
+    ``distill.tokens`` is the whole budget, shared out over the stages by ``split``; ``export``
+    and ``quantize`` apply to the last stage (``final``). Without
     ``num_stages`` the stage count and split are the measured grid's choice for this cut
-    (:mod:`slimmoe.prune.schedule_rule`); with it and no ``split``, the budget is split evenly.
+    (:mod:`slimmoe.pipeline.schedule_rule`); with it and no ``split``, the budget is split evenly.
     """
 
     num_stages: int | None = Field(None, ge=1, description="default: the measured rule's (schedule_rule)")
@@ -223,6 +224,12 @@ class ScheduleConfig(StageSettings):
                                       "default: the measured rule's, or even when num_stages is given")
     budget_fraction: float | None = Field(None, gt=0, le=1, description="distill.tokens over the teacher's "
                                           "training tokens: picks the measured budget nearest (default: the largest)")
+    export: list[EngineName] = Field(default_factory=list, description="serving engines the final stage's "
+                                     "model is exported for, as a stage's export")
+    quantize: QuantizeConfig | None = Field(None, description="a compressed-tensors copy of the final stage's "
+                                            "model, as a stage's quantize")
+
+    _engines = field_validator("export")(classmethod(lambda cls, v: _distinct_engines(v)))
     final: SlimTargets = SlimTargets()
     strategy: Strategy = "slim"
     total_params: int | None = Field(None, gt=0)

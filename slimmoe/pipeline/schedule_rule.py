@@ -6,9 +6,10 @@ issue 14's grid (``measured/gutenberg-grid.json``, a copy of ``bench/quality.py 
 and each multi-stage arm with its budget split) are compared on held-out perplexity over the
 teacher's, mean ± sample std over seeds:
 
-* the best multi-stage arm is chosen only if it beats one-shot by at least twice the larger of
-  the two spreads (the same margin under which ``grid_report.close_pairs`` asks for a third
-  seed); otherwise the cell's choice is one stage;
+* the best multi-stage arm is chosen only if it beats one-shot and the two are told apart
+  (:func:`~slimmoe.pipeline.grid_findings.told_apart`: at least twice the larger of the two
+  spreads, with two seeds or more; the margin under which a pair gets a third seed);
+  otherwise the cell's choice is one stage;
 * a schedule is matched to the cell whose cut is nearest, in log ratio, to its own
   :func:`expert_ratio` (teacher over final routed-expert parameters per layer: the width cut
   when only width shrinks), at the measured budget nearest to ``budget_fraction`` (the
@@ -27,9 +28,9 @@ from pathlib import Path
 
 from slimmoe.arch import get_adapter
 from slimmoe.errors import UserError
+from slimmoe.pipeline.grid_findings import cell_findings, slim_splits
 
 RESULTS = Path(__file__).with_name("measured") / "gutenberg-grid.json"
-MARGIN = 2.0  # a multi-stage win counts when it exceeds MARGIN x the larger seed spread
 
 
 @dataclass(frozen=True)
@@ -83,22 +84,15 @@ def _committed(path: str) -> tuple[CellChoice, ...]:
 
 def cell_choices(doc: dict) -> list[CellChoice]:
     """One choice per measured (budget, cut) that has a one-shot slim arm, in report order."""
-    arms = doc["meta"]["arms"]
-    slim = {a: tuple(float(x) for x in spec["split"]) for a, spec in arms.items()
-            if spec.get("kind") == "slim" and spec.get("split")}
+    splits = slim_splits(doc["meta"]["arms"])
     out = []
-    for budget, cut in dict.fromkeys((c["budget"], c["cut"]) for c in doc["cells"]):
-        here = {c["arm"]: c for c in doc["cells"] if (c["budget"], c["cut"]) == (budget, cut) and c["arm"] in slim}
-        one = next((c for a, c in here.items() if len(slim[a]) == 1), None)
+    for f in cell_findings(doc["cells"], doc["meta"]["arms"]):
+        one, best = f["one_shot"], f["best_multi"]
         if one is None:
             continue
-        multi = sorted((c for a, c in here.items() if len(slim[a]) > 1), key=lambda c: c["ratio_mean"])
-        best = multi[0] if multi else None
-        wins = (best is not None and min(len(one["seeds"]), len(best["seeds"])) >= 2 and
-                one["ratio_mean"] - best["ratio_mean"] >= MARGIN * max(one["ratio_std"], best["ratio_std"]))
-        winner = best if wins else one
-        out.append(CellChoice(budget=float(budget), cut=cut, ratio=float(doc["meta"]["cuts"][cut]["ratio"]),
-                              arm=winner["arm"], split=slim[winner["arm"]],
+        winner = best if f["multi_wins"] else one
+        out.append(CellChoice(budget=float(f["budget"]), cut=f["cut"], ratio=float(doc["meta"]["cuts"][f["cut"]]["ratio"]),
+                              arm=winner["arm"], split=splits[winner["arm"]],
                               one_shot=(one["ratio_mean"], one["ratio_std"]),
                               best_multi=None if best is None else (best["arm"], best["ratio_mean"], best["ratio_std"])))
     return out
