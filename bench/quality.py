@@ -7,8 +7,9 @@ ablation arm over the teacher's, mean ± sample std over seeds (not part of `mak
 
 ``--grid CONFIG`` runs a grid config through ``slimmoe ablate`` (cached: a rerun continues where
 one stopped) and writes ``report.md`` / ``report.json`` in the grid's output_dir: a table per
-budget (rows: arms, columns: width cuts; ppl / teacher, mean ± std over seeds) and a plot of
-perplexity against active parameters per budget; it prints the tables and the wall time.
+budget (rows: arms, columns: width cuts; ppl / teacher, mean ± std over seeds), the findings
+(slimmoe.pipeline.grid_findings) and a plot of perplexity against active parameters per budget;
+it prints the wall time. ``--grid CONFIG --report-only`` rewrites the report from its runs.
 
 Runs the ablation flow (deployments/configs/ablation-demo.yaml) in-process: about a third
 of the teacher's parameters, one token budget per arm. Prints the numbers as they come.
@@ -34,6 +35,9 @@ def main() -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     p.add_argument("--grid", metavar="CONFIG", default=None,
                    help="run this grid config through `slimmoe ablate` (--teacher/--output-dir/--set apply to it)")
+    p.add_argument("--report-only", action="store_true",
+                   help="with --grid: rewrite report.md / report.json / the plot from the runs in report.json "
+                        "(e.g. after a newer slimmoe changed the report), running nothing")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default torch's); 1 is faster on a machine shared by several jobs")
     args = p.parse_args()
@@ -80,12 +84,19 @@ def run_grid(args) -> int:
     if args.output_dir != "outputs/bench-quality":
         overrides.append(f"output_dir={args.output_dir}")
     cfg = load_ablation_config(args.grid, overrides)
+    report = Path(cfg.output_dir) / "report.json"
+    if args.report_only:
+        from slimmoe.pipeline.grid_report import write_grid_report
+
+        doc = json.loads(report.read_text())
+        res = write_grid_report(cfg.output_dir, doc["runs"], doc["teacher"], doc["meta"])
+        print(res["markdown"])
+        return 0
     t0 = time.perf_counter()
     code = slimmoe.cli.main(["ablate", args.grid, *[a for o in overrides for a in ("--set", o)]])
     hours = (time.perf_counter() - t0) / 3600
     if code:
         return code
-    report = Path(cfg.output_dir) / "report.json"
     doc = json.loads(report.read_text())
     doc["meta"]["wall_hours_this_run"] = round(hours, 3)  # a rerun that found everything cached is short
     atomic_write_text(report, json.dumps(doc, indent=1))

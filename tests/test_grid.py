@@ -337,3 +337,26 @@ def test_findings_compare_stages_slim_drop_and_scratch_by_hand():
     cells[1] = c("two-stage-even", 1.09, 0.01)  # 0.01 < 2 x 0.01: not told apart -> one stage
     assert not cell_findings(cells, arms)[0]["multi_wins"]
     assert "-> one stage" in "\n".join(findings_markdown(cell_findings(cells, arms)))
+
+
+def test_bench_quality_report_only_rewrites_the_report_from_its_runs(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    teacher = {"perplexity": 10.0, "total_params": 4000, "active_params": 1500}
+    meta = {"name": "synthetic", "arms": {"one-shot-slim": {"kind": "slim", "split": [1.0]},
+                                          "two-stage-even": {"kind": "slim", "split": [0.5, 0.5]},
+                                          "scratch": {"kind": "scratch"}}}
+    write_grid_report(tmp_path, _synthetic_runs(), teacher, {"name": "synthetic"})  # an older report: no findings
+    doc = json.loads((tmp_path / "report.json").read_text())
+    doc["meta"] = meta
+    (tmp_path / "report.json").write_text(json.dumps(doc))
+    (tmp_path / "report.md").unlink()
+    out = subprocess.run([sys.executable, str(root / "bench" / "quality.py"), "--grid",
+                          str(root / "deployments" / "configs" / "ablation-gutenberg-grid.yaml"),
+                          "--output-dir", str(tmp_path), "--report-only"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    md = (tmp_path / "report.md").read_text()
+    assert "## Findings" in md and "**2.5%, 4x**" in md and md.strip() in out.stdout
+    assert len(json.loads((tmp_path / "report.json").read_text())["runs"]) == len(_synthetic_runs())
