@@ -130,3 +130,17 @@ def split_tokens(tokens: int, split: tuple[float, ...] | list[float]) -> list[in
     """``tokens`` in shares (rounded; the last stage takes the remainder)."""
     counts = [int(round(s * tokens)) for s in split[:-1]]
     return [*counts, tokens - sum(counts)]
+
+
+def rule_markdown(cells: list[CellChoice] | None = None) -> str:
+    """The rule as a table: per measured budget and cut, the stages and split it picks and why."""
+    cells = list(_committed(str(RESULTS)) if cells is None else cells)
+    lines = ["| budget | cut | stages | split | measured (ppl / teacher, mean ± std) |", "|---|---|---|---|---|"]
+    for c in cells:
+        split = "/".join(f"{100 * x:.0f}" for x in c.split)
+        lines.append(f"| {c.budget * 100:g}% | {c.cut} | {c.num_stages} | {split} | {c.evidence()} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m slimmoe.pipeline.schedule_rule: the rule the committed grid gives
+    print(f"{RESULTS}\n\n{rule_markdown()}")
