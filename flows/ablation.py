@@ -144,9 +144,11 @@ def _grid(cfg: AblationConfig) -> dict:
             "cuts": {c.cut.label: {"ratio": c.cut.ratio, "halve_kv": c.cut.halve_kv} for c in cells},
             "arms": {a: spec.model_dump(exclude_none=True) for a, spec in cfg.grid.arms.items()}}
 
-    def run_cells(seeds: list[int], only: set | None = None) -> list[dict]:
-        """``seeds`` of every arm (of those in ``only``: (budget, cut label, arm)), cell by cell."""
-        runs = []
+    common = {k: v for k, v in meta.items() if k not in ("cuts", "arms", "teacher_expert_width")}
+
+    def run_cells(seeds: list[int], runs: list[dict], only: set | None = None) -> list[dict]:
+        """``seeds`` of every arm (of those in ``only``: (budget, cut label, arm)), appended to
+        ``runs``; each cell's report is (re)written as soon as the cell is done."""
         for cell in cells:
             for seed in seeds:
                 for arm, stages in cell.arms.items():
@@ -157,24 +159,17 @@ def _grid(cfg: AblationConfig) -> dict:
                         cfg.name, out, arm, seed, stages, shape, teacher, blocks, scores,
                         teacher_metrics["perplexity"], tracking, parent, chained=True)
                     runs.append({**res, "budget": cell.budget, "cut": cell.cut.label, "cell": cell.label})
+            report.write_report(out / "cells" / cell.label, [r for r in runs if r["cell"] == cell.label], teacher_row,
+                                {**common, "cell": cell.label, "tokens per arm": f"{cell.tokens:,}"})
         return runs
 
-    def cell_reports(runs: list[dict]) -> None:
-        common = {k: v for k, v in meta.items() if k not in ("cuts", "arms", "teacher_expert_width")}
-        for cell in cells:
-            mine = [r for r in runs if r["cell"] == cell.label]
-            report.write_report(out / "cells" / cell.label, mine, teacher_row,
-                                {**common, "cell": cell.label, "tokens per arm": f"{cell.tokens:,}"})
-
-    runs = run_cells(cfg.seeds)
-    cell_reports(runs)
+    runs = run_cells(cfg.seeds, [])
     extra = [s for s in cfg.grid.close_pair_seeds if s not in cfg.seeds]
     if extra:
         close = close_pairs(grid_cells(runs, teacher_row))
         only = {(c["budget"], c["cut"], arm) for c in close for arm in c["arms"]}
         print(f"grid: {len(close)} pairs within twice their spread; seeds {extra} for their {len(only)} arms")
-        runs += run_cells(extra, only)
-        cell_reports(runs)
+        run_cells(extra, runs, only)
         meta["close_pair_seeds"] = extra
     return rt.publish_grid_report(out, runs, teacher_row, meta, tracking, parent)
 
