@@ -123,37 +123,43 @@ def test_deployments_layout():
     assert "# schedules:" in PREFECT_YAML.read_text() and "cron:" in PREFECT_YAML.read_text()
 
 
+PHI35 = dict(hidden_size=4096, intermediate_size=6400, num_hidden_layers=32, num_attention_heads=32,
+             num_key_value_heads=8, num_local_experts=16, num_experts_per_tok=2, vocab_size=32064)
+
+
 def test_phi_configs_carry_the_paper_targets():
     """DESIGN.md: Phi-mini-MoE keeps 8 KV heads at expert width 960; Phi-tiny-MoE has width
-    448 and 4 KV heads (16 query heads x 128)."""
+    448 and 4 KV heads (16 query heads x 128). Both on the automatic schedule with the
+    paper's 400B tokens."""
     mini = load_pipeline_config(CONFIGS / "phi-mini-moe.yaml")
-    assert mini.teacher == "microsoft/Phi-3.5-MoE-instruct"
-    assert mini.stages[-1].expert_intermediate_size == 960
-    assert all(s.num_key_value_heads in (None, 8) for s in mini.stages)  # None keeps the teacher's 8
-    assert all(s.num_experts is None for s in mini.stages)  # slimming, not dropping: 16 experts kept
-    widths = [s.expert_intermediate_size for s in mini.stages]
-    assert widths == sorted(widths, reverse=True) and all(960 <= w < 6400 for w in widths)
-
     tiny = load_pipeline_config(CONFIGS / "phi-tiny-moe.yaml")
-    assert tiny.teacher == "microsoft/Phi-3.5-MoE-instruct"
-    assert tiny.schedule is not None and not tiny.stages
+    for cfg in (mini, tiny):
+        assert cfg.teacher == "microsoft/Phi-3.5-MoE-instruct"
+        assert cfg.schedule is not None and not cfg.stages
+        assert cfg.schedule.distill.tokens == 400_000_000_000
+        assert cfg.schedule.final.num_experts is None  # slimming, not dropping: 16 experts kept
+    assert mini.schedule.final.expert_intermediate_size == 960
+    assert mini.schedule.final.num_key_value_heads is None  # the teacher's 8 kept
     assert tiny.schedule.final.expert_intermediate_size == 448
     assert tiny.schedule.final.num_key_value_heads == 4
-    assert tiny.schedule.final.num_experts is None
 
 
-def test_phi_tiny_schedule_expands_to_the_target():
-    """The automatic schedule of phi-tiny-moe.yaml against the Phi-3.5-MoE shape (config only,
-    no download): widths shrink stage by stage and the last stage is the paper's shape."""
-    pytest.importorskip("slimmoe.prune.schedule", reason="slimmoe/prune/schedule.py is not in this checkout yet")
+@pytest.mark.parametrize("name, width, kv", [("phi-mini-moe", 960, None), ("phi-tiny-moe", 448, 4)])
+def test_phi_schedules_follow_the_measured_rule(name, width, kv):
+    """Against the Phi-3.5-MoE shape (config only, no download): the stage count and the
+    token split are schedule_rule's for the config's cut (width 6400 / final width) and budget,
+    widths shrink stage by stage, and the last stage is the paper's shape."""
     from transformers import PhimoeConfig
 
     from slimmoe.pipeline.resolve import expand_schedule
+    from slimmoe.pipeline.schedule_rule import choose, split_tokens
 
-    phi35 = PhimoeConfig(hidden_size=4096, intermediate_size=6400, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, num_local_experts=16, num_experts_per_tok=2, vocab_size=32064)
-    stages = expand_schedule(load_pipeline_config(CONFIGS / "phi-tiny-moe.yaml"), phi35).stages
-    assert len(stages) == 3 and stages[-1].name == "final"
-    assert stages[-1].expert_intermediate_size == 448 and stages[-1].num_key_value_heads == 4
+    cfg = load_pipeline_config(CONFIGS / f"{name}.yaml")
+    assert cfg.schedule.num_stages is None and cfg.schedule.split is None  # nothing chosen by hand
+    stages = expand_schedule(cfg, PhimoeConfig(**PHI35)).stages
+    rule = choose(6400 / width, cfg.schedule.budget_fraction)
+    assert len(stages) == rule.num_stages and stages[-1].name == "final"
+    assert [s.distill.tokens for s in stages] == split_tokens(400_000_000_000, rule.split)
+    assert stages[-1].expert_intermediate_size == width and stages[-1].num_key_value_heads == kv
     widths = [s.expert_intermediate_size or 6400 for s in stages]
-    assert widths == sorted(widths, reverse=True) and widths[0] < 6400
+    assert widths == sorted(widths, reverse=True) and widths[-1] == width
