@@ -36,7 +36,7 @@ from pydantic import Field, field_validator, model_validator
 from slimmoe.config import DistillConfig, SlimTargets, StrictModel
 from slimmoe.errors import UserError
 from slimmoe.pipeline.schedule_rule import split_tokens
-from slimmoe.pipeline.schema import StageConfig
+from slimmoe.pipeline.schema import StageConfig, check_split
 from slimmoe.prune.schedule import estimate_total_params
 from slimmoe.prune.strategies import resolve_sizes
 
@@ -56,8 +56,7 @@ class GridArm(StrictModel):
             return self
         if self.split is None:
             self.split = [1.0]
-        if any(s <= 0 for s in self.split) or abs(sum(self.split) - 1) > 1e-3:
-            raise ValueError(f"split: shares must be positive and add up to 1, got {self.split}")
+        check_split(self.split)
         return self
 
 

@@ -23,6 +23,11 @@ def told_apart(a: dict, b: dict) -> bool:
     return abs(a["ratio_mean"] - b["ratio_mean"]) >= MARGIN * max(a["ratio_std"], b["ratio_std"])
 
 
+def split_label(shares) -> str:
+    """A budget split as percentages, e.g. ``25/75``."""
+    return "/".join(f"{100 * x:.0f}" for x in shares)
+
+
 def slim_splits(arms: dict) -> dict[str, tuple[float, ...]]:
     """Slim arms (the report's ``meta.arms``) -> their budget split."""
     return {a: tuple(float(x) for x in spec["split"]) for a, spec in arms.items()

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from slimmoe.io.atomic import atomic_write_text
-from slimmoe.pipeline.grid_findings import cell_findings, findings_markdown, told_apart
+from slimmoe.pipeline.grid_findings import cell_findings, findings_markdown, split_label, told_apart
 from slimmoe.pipeline.report import REPORT_JSON, REPORT_MD, mean_std
 
 GRID_PNG = "grid_perplexity_vs_active.png"
@@ -64,7 +64,7 @@ def grid_markdown(cells: list[dict], teacher: dict, meta: dict | None = None, pl
     lines = [f"# Ablation grid: {meta.get('name', '')}".rstrip(), ""]
     lines += [f"* {k}: {v}" for k, v in meta.items() if k not in ("name", "teacher_tokens", "cuts", "arms")]
     if meta.get("arms"):
-        lines.append("* arms: " + ", ".join(f"{a} ({s['kind']}" + (f", budget split {_split(s['split'])})" if s.get("split")
+        lines.append("* arms: " + ", ".join(f"{a} ({s['kind']}" + (f", budget split {split_label(s['split'])})" if s.get("split")
                                             else ")") for a, s in meta["arms"].items()))
     lines += [f"* teacher: perplexity {teacher['perplexity']:.3f}, total / active parameters "
               f"{teacher['total_params']:,} / {teacher['active_params']:,}", ""]
@@ -92,10 +92,6 @@ def grid_markdown(cells: list[dict], teacher: dict, meta: dict | None = None, pl
     lines += ["", f"![perplexity vs active parameters]({plot})", ""] if plot else \
         ["", "(no plot: matplotlib is not installed in this environment)", ""]
     return "\n".join(lines)
-
-
-def _split(shares: list[float]) -> str:
-    return "/".join(f"{100 * x:.0f}" for x in shares)
 
 
 def grid_figure(cells: list[dict], teacher: dict):

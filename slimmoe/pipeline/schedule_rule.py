@@ -28,7 +28,7 @@ from pathlib import Path
 
 from slimmoe.arch import get_adapter
 from slimmoe.errors import UserError
-from slimmoe.pipeline.grid_findings import cell_findings, slim_splits
+from slimmoe.pipeline.grid_findings import cell_findings, slim_splits, split_label
 
 RESULTS = Path(__file__).with_name("measured") / "gutenberg-grid.json"
 
@@ -137,8 +137,7 @@ def rule_markdown(cells: list[CellChoice] | None = None) -> str:
     cells = list(_committed(str(RESULTS)) if cells is None else cells)
     lines = ["| budget | cut | stages | split | measured (ppl / teacher, mean ± std) |", "|---|---|---|---|---|"]
     for c in cells:
-        split = "/".join(f"{100 * x:.0f}" for x in c.split)
-        lines.append(f"| {c.budget * 100:g}% | {c.cut} | {c.num_stages} | {split} | {c.evidence()} |")
+        lines.append(f"| {c.budget * 100:g}% | {c.cut} | {c.num_stages} | {split_label(c.split)} | {c.evidence()} |")
     return "\n".join(lines)
 
 

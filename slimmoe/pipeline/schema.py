@@ -208,6 +208,12 @@ class StageConfig(StageSettings):
         )
 
 
+def check_split(split: list[float]) -> None:
+    """A budget split (a schedule's or a grid arm's): positive shares adding up to 1."""
+    if any(x <= 0 for x in split) or abs(sum(split) - 1) > 1e-3:
+        raise ValueError(f"split: shares must be positive and add up to 1, got {split}")
+
+
 class ScheduleConfig(StageSettings):
     """Automatic stages: sizes interpolated geometrically in parameters from teacher to ``final``.
 
@@ -247,8 +253,7 @@ class ScheduleConfig(StageSettings):
         if self.final.is_noop() and self.total_params is None and self.active_params is None:
             raise ValueError("give final sizes or a parameter target (total_params or active_params)")
         if self.split is not None:
-            if any(x <= 0 for x in self.split) or abs(sum(self.split) - 1) > 1e-3:
-                raise ValueError(f"split: shares must be positive and add up to 1, got {self.split}")
+            check_split(self.split)
             if self.num_stages is not None and len(self.split) != self.num_stages:
                 raise ValueError(f"split: {len(self.split)} shares for num_stages {self.num_stages}")
         return self
